@@ -1,0 +1,86 @@
+# zerotrust-lab: the two commands are `make up` and `make test`.
+#
+# The environment lives under $(PREFIX) and is built from Debian's /usr/bin/python3:
+# per-user notebook servers run as unprivileged Unix users and must be able to execute
+# the interpreter and read the venv (an interpreter under /root, e.g. pyenv, is mode 700).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON      ?= /usr/bin/python3
+PREFIX      ?= /opt/ztlab
+VENV        ?= $(PREFIX)/venv
+STATE_DIR   ?= /var/lib/ztlab
+CONFIG      ?= ztlab.example.toml
+BIN         := $(VENV)/bin
+PIP         := $(BIN)/python -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+
+# Debian packages the project needs on a fresh machine.
+DEBIAN_PACKAGES := python3 python3-venv python3-dev
+# ...and those only the tests and benchmarks need.
+DEBIAN_TEST_PACKAGES := b3sum
+
+.PHONY: help up test lint docs bench system-deps system-test-deps venv venv-dev clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+system-deps: ## install the Debian packages the project needs
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+system-test-deps: system-deps ## install the Debian packages the tests need
+	@missing=$$(for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/python:
+	mkdir -p $(PREFIX)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip setuptools wheel
+	chmod -R go+rX $(PREFIX)
+
+# The stamps are rebuilt when pyproject.toml changes, or when the checkout moves (an editable
+# install points at one checkout; CI clones into a new folder).
+$(VENV)/.ztlab-installed: pyproject.toml $(BIN)/python
+	$(PIP) install -q -e .
+	echo "$(CURDIR)" > $@
+
+$(VENV)/.ztlab-dev-installed: pyproject.toml $(BIN)/python
+	$(PIP) install -q -e '.[dev]'
+	echo "$(CURDIR)" > $@
+
+venv: system-deps $(VENV)/.ztlab-installed ## create the venv and install ztlab
+	@grep -qx "$(CURDIR)" $(VENV)/.ztlab-installed || { $(PIP) install -q -e . && echo "$(CURDIR)" > $(VENV)/.ztlab-installed; }
+
+venv-dev: system-test-deps $(VENV)/.ztlab-dev-installed ## create the venv and install ztlab[dev]
+	@grep -qx "$(CURDIR)" $(VENV)/.ztlab-dev-installed || { $(PIP) install -q -e '.[dev]' && echo "$(CURDIR)" > $(VENV)/.ztlab-dev-installed; }
+
+lint: venv-dev ## ruff, mypy --strict and the trust-boundary import contracts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p ztlab
+	$(BIN)/lint-imports
+
+docs: venv-dev ## build the docs with warnings as errors
+	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
+
+test: venv-dev lint docs ## install what the tests need and run the whole suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: venv-dev ## run the benchmarks and print their tables
+	$(BIN)/python -m bench
+
+up: venv ## install everything and start the environment on 127.0.0.1
+	$(BIN)/ztlab config check $(CONFIG)
+	$(BIN)/ztlab up --config $(CONFIG) --state-dir $(STATE_DIR)
+
+clean: ## remove build outputs (not the venv, not the state)
+	rm -rf docs/_build build *.egg-info .mypy_cache .ruff_cache .pytest_cache

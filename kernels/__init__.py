@@ -1,0 +1,1 @@
+"""The secure kernelspec (untrusted zone): how a user's kernel is started."""

@@ -1,0 +1,1 @@
+"""The ``ztlab`` command line. The only layer that turns errors into exit statuses."""

@@ -1,0 +1,31 @@
+"""Entry point of the ``ztlab`` command.
+
+Each command group lives in its own module and is registered here.
+Exit statuses: 0 success (or "allowed"), 1 a negative answer (denied, does not verify,
+invalid configuration), 2 bad input (unreadable file, malformed argument).
+"""
+
+from __future__ import annotations
+
+import click
+
+from ztlab import __version__
+from ztlab.cli.audit import audit_group
+from ztlab.cli.config import config_group
+from ztlab.cli.policy import policy_group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ztlab")
+def cli() -> None:
+    """zerotrust-lab: a zero-trust research environment for Jupyter on shared GPU servers."""
+
+
+cli.add_command(config_group)
+cli.add_command(policy_group)
+cli.add_command(audit_group)
+
+
+def main() -> None:
+    """Run the ``ztlab`` command."""
+    cli()
