@@ -34,7 +34,7 @@ from ztlab.common.errors import VerificationError
 
 ED25519_ALG = 0x01
 _SIG_PREFIX = "\u2014 "
-_ORIGIN_RE = re.compile(r"[\x21-\x7e]+\Z")
+_ORIGIN_RE = re.compile(r"[\x21-\x2a\x2c-\x7e]+\Z")
 
 
 def raw_public_key(key: Ed25519PublicKey) -> bytes:
@@ -55,10 +55,10 @@ def verifier_key(name: str, key: Ed25519PublicKey) -> str:
 
 
 def check_origin(origin: str) -> None:
-    """An origin is one line of printable ASCII without spaces (it is also the key name)."""
+    """An origin is printable ASCII without spaces or ``+`` (it is also the key name)."""
     if not _ORIGIN_RE.match(origin):
         raise ValueError(
-            f"checkpoint origin must be printable ASCII without spaces, such as "
+            f"checkpoint origin must be printable ASCII without spaces or '+', such as "
             f"'ztlab.local/audit', got {origin!r}"
         )
 

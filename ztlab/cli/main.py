@@ -1,8 +1,8 @@
 """Entry point of the ``ztlab`` command.
 
 Each command group lives in its own module and is registered here.
-Exit statuses: 0 success (or "allowed"), 1 a negative answer (denied, does not verify,
-invalid configuration), 2 bad input (unreadable file, malformed argument).
+Exit statuses: 0 success (or "allowed"), 1 a negative answer (denied, does not verify),
+2 bad input (an invalid configuration, an unreadable file, a malformed argument).
 """
 
 from __future__ import annotations

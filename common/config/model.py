@@ -1,0 +1,889 @@
+"""The ``ztlab.toml`` configuration model (pydantic v2).
+
+Every model is frozen and rejects unknown keys. Types are strict where TOML has a native
+type (an integer is never read from a string), paths must be absolute, and defaults that
+depend on other keys (the audit log lives under ``state_dir`` unless set) are computed by
+methods when asked, not stored. Cross-references (roles named by groups and GPU pools, a
+GPU listed in more than one place) are checked once the structure is valid.
+
+The field descriptions are the configuration reference: the docs generate it from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PrivateAttr,
+    SecretStr,
+    Strict,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from ztlab.common.config._units import SIZE_EXPECTED, format_size, parse_size
+from ztlab.common.errors import ConfigError, SecretError
+
+__all__ = [
+    "DEFAULT_ROLE_NAMES",
+    "AuditConfig",
+    "Expect",
+    "GpuConfig",
+    "GpuPool",
+    "HubConfig",
+    "InvalidConfigError",
+    "PolicyConfig",
+    "Problem",
+    "RoleConfig",
+    "SecretRef",
+    "SecretsConfig",
+    "ZtlabConfig",
+    "default_roles",
+    "describe_value",
+    "key_path",
+    "toml_literal",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Problems and their wording
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a configuration: where (a TOML key path) and what."""
+
+    #: ``gpu.pools.research.gpus[1]``, ``line 3, column 7``, or ``""`` for the whole file
+    path: str
+    #: what is wrong and what was expected; never contains a secret
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class InvalidConfigError(ConfigError):
+    """A configuration that does not validate: every problem found, in one message.
+
+    The message is ``SOURCE: PATH: MESSAGE`` for one problem, or a ``SOURCE: N problems``
+    header followed by one indented ``PATH: MESSAGE`` line per problem.
+    """
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        if len(self.problems) == 1:
+            message = f"{source}: {self.problems[0]}"
+        else:
+            lines = "\n".join(f"  {p}" for p in self.problems)
+            message = f"{source}: {len(self.problems)} problems\n{lines}"
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """Annotation metadata: how error messages describe what a key expects."""
+
+    text: str
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+def key_path(parts: Sequence[str | int]) -> str:
+    """A TOML key path for messages: ``("groups", "ml team", 0)`` -> ``groups."ml team"[0]``."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        key = part if _BARE_KEY.match(part) else json.dumps(part, ensure_ascii=False)
+        out = f"{out}.{key}" if out else key
+    return out
+
+
+def _toml_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, datetime):
+        return "date-time"
+    if isinstance(value, date):
+        return "date"
+    if isinstance(value, time):
+        return "time"
+    if isinstance(value, Mapping):
+        return "table"
+    if isinstance(value, list | tuple):
+        return "array"
+    return type(value).__name__
+
+
+_MAX_SHOWN = 60
+
+
+def toml_literal(value: object) -> str:
+    """``value`` as written in TOML, shortened for messages: ``"two"``, ``-1``, ``true``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        shown = value if len(value) <= _MAX_SHOWN else value[: _MAX_SHOWN - 3] + "..."
+        return json.dumps(shown, ensure_ascii=False)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def describe_value(value: object, *, sensitive: bool = False) -> str:
+    """What a wrong value was: ``"two" (string)``; only its type when ``sensitive``."""
+    kind = _toml_type(value)
+    if isinstance(value, Mapping | list | tuple) or sensitive:
+        article = "an" if kind[0] in "aeiou" else "a"
+        return f"{article} {kind}"
+    return f"{toml_literal(value)} ({kind})"
+
+
+def _fail(message: str) -> PydanticCustomError:
+    """A validation error whose message is ours, verbatim."""
+    return PydanticCustomError("ztlab", "{message}", {"message": message})
+
+
+# --------------------------------------------------------------------------------------
+# Field types
+# --------------------------------------------------------------------------------------
+
+
+def _require_absolute(path: Path) -> Path:
+    if not path.is_absolute():
+        raise _fail(f"expected an absolute path, got {toml_literal(str(path))}")
+    return path
+
+
+#: an absolute filesystem path, written as a TOML string
+AbsPath = Annotated[
+    Path, Strict(False), AfterValidator(_require_absolute), Expect("an absolute path")
+]
+
+
+def _check_http_url(url: str) -> str:
+    expected = 'expected an http:// or https:// URL such as "http://127.0.0.1:8000"'
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError when out of range or not a number
+    except ValueError:
+        raise _fail(f"{expected}, got {toml_literal(url)}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _fail(f"{expected}, got {toml_literal(url)}")
+    if parts.username is not None or parts.password is not None:
+        raise _fail(f"{expected} (without a user name or password), got {toml_literal(url)}")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise _fail(f"{expected} (without a query or fragment), got {toml_literal(url)}")
+    del port
+    return url
+
+
+HttpUrlText = Annotated[str, AfterValidator(_check_http_url), Expect("an http:// or https:// URL")]
+
+_ORIGIN_RE = re.compile(r"[\x21-\x2a\x2c-\x7e]+\Z")  # printable ASCII, no space, no "+"
+
+
+def _check_origin(origin: str) -> str:
+    if not _ORIGIN_RE.match(origin):
+        raise _fail(
+            'expected a checkpoint origin such as "ztlab.local/audit" (printable ASCII '
+            f'without spaces or "+"), got {toml_literal(origin)}'
+        )
+    return origin
+
+
+Origin = Annotated[str, AfterValidator(_check_origin), Expect("a checkpoint origin")]
+
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_GPU_INDEX_RE = re.compile(r"\d{1,4}\Z")
+_GPU_UUID_RE = re.compile(rf"GPU-({_UUID})\Z", re.IGNORECASE)
+_MIG_UUID_RE = re.compile(rf"MIG-({_UUID})\Z", re.IGNORECASE)
+_MIG_LEGACY_RE = re.compile(rf"MIG-GPU-({_UUID})/(\d+)/(\d+)\Z", re.IGNORECASE)
+_GPU_EXPECTED = (
+    'a GPU id: an index such as "0", a GPU UUID "GPU-<uuid>" or a MIG device "MIG-<uuid>"'
+)
+
+
+def _normalize_gpu_id(gpu: str) -> str:
+    if _GPU_INDEX_RE.match(gpu):
+        return str(int(gpu))
+    if match := _GPU_UUID_RE.match(gpu):
+        return f"GPU-{match[1].lower()}"
+    if match := _MIG_UUID_RE.match(gpu):
+        return f"MIG-{match[1].lower()}"
+    if match := _MIG_LEGACY_RE.match(gpu):
+        return f"MIG-GPU-{match[1].lower()}/{int(match[2])}/{int(match[3])}"
+    raise _fail(f"expected {_GPU_EXPECTED}, got {toml_literal(gpu)}")
+
+
+#: a GPU as NVIDIA tools name it; UUIDs are normalized to lower-case hex
+GpuId = Annotated[str, AfterValidator(_normalize_gpu_id), Expect(_GPU_EXPECTED)]
+
+_NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+_NAME_RULE = 'lower-case letters, digits, "-" and "_", starting with a letter'
+RoleName = Annotated[
+    str, StringConstraints(pattern=_NAME_PATTERN), Expect(f"a role name ({_NAME_RULE})")
+]
+PoolName = Annotated[
+    str, StringConstraints(pattern=_NAME_PATTERN), Expect(f"a pool name ({_NAME_RULE})")
+]
+GroupName = Annotated[str, StringConstraints(min_length=1), Expect("a non-empty group name")]
+EnvName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
+    Expect(
+        "the name of an environment variable (letters, digits and _, not starting with a digit)"
+    ),
+]
+
+
+def _parse_memory(value: object) -> int:
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError:
+            raise _fail(f"expected {SIZE_EXPECTED}, got {toml_literal(value)}") from None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise _fail(f"expected {SIZE_EXPECTED}, got {describe_value(value)}")
+
+
+#: bytes; written as ``"16G"`` (or a positive integer of bytes), shown as ``"16G"``
+MemorySize = Annotated[
+    int,
+    BeforeValidator(_parse_memory),
+    PlainSerializer(format_size, return_type=str),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KkMmGgTt]([Ii]?[Bb])?|[Bb])?$"},
+                {"type": "integer", "exclusiveMinimum": 0},
+            ]
+        },
+        mode="validation",
+    ),
+    Expect(SIZE_EXPECTED),
+]
+
+
+class _Model(BaseModel):
+    """Common settings: frozen, no unknown keys, strict types, inputs kept out of errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, hide_input_in_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# Secrets
+# --------------------------------------------------------------------------------------
+
+_PLAIN_STRING_REFUSED: Final = (
+    "secrets must come from the environment or a file, not from the configuration file; "
+    'expected { env = "NAME" } or { file = "/path" }'
+)
+_SECRET_MAX_BYTES = 64 * 1024
+
+
+class SecretRef(_Model):
+    """Where a secret comes from: ``{ env = "NAME" }`` or ``{ file = "/path" }``.
+
+    Holds only the reference; :meth:`resolve` reads the secret when called, every time.
+    """
+
+    env: EnvName | None = Field(
+        default=None,
+        description=(
+            "Name of the environment variable that holds the secret, read when the secret is "
+            'needed. Default: not set. Example: `cookie_secret = { env = "ZTLAB_COOKIE_SECRET" }`.'
+        ),
+    )
+    file: AbsPath | None = Field(
+        default=None,
+        description=(
+            "Absolute path of a file that holds the secret (one trailing newline is "
+            "ignored). The file must not be accessible to group or others (mode 0600 or "
+            "0400). Default: not set. Example: "
+            '`cookie_secret = { file = "/var/lib/ztlab/secrets/cookie-secret" }`.'
+        ),
+    )
+
+    _key_path: str = PrivateAttr(default="secret")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_plain_values(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise _fail(_PLAIN_STRING_REFUSED)
+        if not isinstance(data, Mapping | SecretRef):
+            raise _fail(
+                'expected a table { env = "NAME" } or { file = "/path" }, '
+                f"got {describe_value(data, sensitive=True)}"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> SecretRef:
+        if self.env is not None and self.file is not None:
+            raise _fail("expected exactly one of env or file, got both")
+        if self.env is None and self.file is None:
+            raise _fail('expected exactly one of env or file, got neither; e.g. { env = "NAME" }')
+        return self
+
+    @property
+    def key_path(self) -> str:
+        """The key this reference was loaded from (``secrets.cookie_secret``), for messages."""
+        return self._key_path
+
+    def describe(self) -> str:
+        """The reference as TOML: ``{ env = "NAME" }`` (never a value)."""
+        if self.env is not None:
+            return f"{{ env = {json.dumps(self.env)} }}"
+        return f"{{ file = {json.dumps(str(self.file), ensure_ascii=False)} }}"
+
+    def __repr__(self) -> str:
+        return f"SecretRef({self.describe()})"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def resolve(self) -> SecretStr:
+        """Read the secret now.
+
+        Raises :class:`~ztlab.common.errors.SecretError` naming the key when the variable
+        is unset or empty, or the file is missing, unreadable, not a regular file, empty,
+        too large, not UTF-8, or accessible to group or others.
+        """
+        key = self._key_path
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise SecretError(
+                    f"{key}: environment variable {self.env} is not set",
+                    hint=f"set {self.env} in the environment of the ztlab process",
+                )
+            if not value:
+                raise SecretError(f"{key}: environment variable {self.env} is empty")
+            return SecretStr(value)
+        assert self.file is not None  # guaranteed by _exactly_one_source
+        return SecretStr(_read_secret_file(self.file, key))
+
+
+def _read_secret_file(path: Path, key: str) -> str:
+    where = f"{key}: secret file {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except FileNotFoundError as exc:
+        raise SecretError(f"{where} does not exist") from exc
+    except PermissionError as exc:
+        raise SecretError(f"{where} cannot be read: permission denied") from exc
+    except OSError as exc:
+        raise SecretError(f"{where} cannot be read: {exc.strerror or exc}") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise SecretError(f"{where} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o077:
+            what = "readable" if mode & 0o044 else "accessible"
+            raise SecretError(
+                f"{where} is {what} by group or others (mode {mode:04o}); "
+                "expected mode 0600 or 0400",
+                hint=f"chmod 600 {path}",
+            )
+        try:
+            raw = handle.read(_SECRET_MAX_BYTES + 1)
+        except OSError as exc:
+            raise SecretError(f"{where} cannot be read: {exc.strerror or exc}") from exc
+    if len(raw) > _SECRET_MAX_BYTES:
+        raise SecretError(f"{where} is larger than {_SECRET_MAX_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecretError(f"{where} is not UTF-8 text") from None  # no bytes of it shown
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise SecretError(f"{where} is empty")
+    return text
+
+
+class SecretsConfig(_Model):
+    """``[secrets]``: references to secrets, never the secrets themselves."""
+
+    cookie_secret: SecretRef | None = Field(
+        default=None,
+        description=(
+            "Key the hub signs its session cookies with: at least 32 random bytes, e.g. from "
+            "`openssl rand -hex 32`. Default: not set (the hub then generates one and keeps "
+            "it in `state_dir`). Example: "
+            '`cookie_secret = { file = "/var/lib/ztlab/secrets/cookie-secret" }`.'
+        ),
+    )
+    oidc_client_secret: SecretRef | None = Field(
+        default=None,
+        description=(
+            "Client secret of the hub's OpenID Connect client, as issued by the identity "
+            "provider. Default: not set (needed only for OpenID Connect login). Example: "
+            '`oidc_client_secret = { env = "ZTLAB_OIDC_CLIENT_SECRET" }`.'
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+class HubConfig(_Model):
+    """``[hub]``: the JupyterHub control plane."""
+
+    bind_url: HttpUrlText = Field(
+        default="http://127.0.0.1:8000",
+        description=(
+            "URL the hub's public proxy listens on: `http://` or `https://`, a host, an "
+            "optional port and an optional base path. Default: `http://127.0.0.1:8000` "
+            '(this machine only). Example: `bind_url = "https://0.0.0.0:443/lab"`.'
+        ),
+    )
+
+
+class AuditConfig(_Model):
+    """``[audit]``: the tamper-evident audit log."""
+
+    log: AbsPath | None = Field(
+        default=None,
+        description=(
+            "File the audit records are appended to (JSON lines); checkpoints, public key "
+            "and lock file sit next to it. Default: `<state_dir>/audit/audit.jsonl`. "
+            'Example: `log = "/var/lib/ztlab/audit/audit.jsonl"`.'
+        ),
+    )
+    signing_key: AbsPath | None = Field(
+        default=None,
+        description=(
+            "Ed25519 private key that signs the checkpoints (created on first start, "
+            "readable only by the control plane). Default: "
+            "`<state_dir>/keys/audit-ed25519.key`. "
+            'Example: `signing_key = "/var/lib/ztlab/keys/audit-ed25519.key"`.'
+        ),
+    )
+    checkpoint_interval_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        allow_inf_nan=False,
+        description=(
+            "How often, in seconds, the log signs a checkpoint of what it has written (a "
+            "number > 0 and <= 60). Default: `2.0`. "
+            "Example: `checkpoint_interval_seconds = 5`."
+        ),
+    )
+    origin: Origin = Field(
+        default="ztlab.local/audit",
+        description=(
+            "Origin line of the signed checkpoints (C2SP tlog-checkpoint) and the name of "
+            "the signing key: printable ASCII without spaces or `+`, by convention a "
+            "schema-less URL naming this log. Default: `ztlab.local/audit`. "
+            'Example: `origin = "gpu1.example.org/ztlab/audit"`.'
+        ),
+    )
+
+    def log_path(self, state_dir: Path) -> Path:
+        """The audit log file: ``log`` if set, else ``<state_dir>/audit/audit.jsonl``."""
+        return self.log if self.log is not None else state_dir / "audit" / "audit.jsonl"
+
+    def signing_key_path(self, state_dir: Path) -> Path:
+        """The signing key file: ``signing_key`` if set, else under ``<state_dir>/keys``."""
+        if self.signing_key is not None:
+            return self.signing_key
+        return state_dir / "keys" / "audit-ed25519.key"
+
+
+class PolicyConfig(_Model):
+    """``[policy]``: the Cedar access policies."""
+
+    directory: AbsPath | None = Field(
+        default=None,
+        description=(
+            "Directory of Cedar policy files (`*.cedar`) used instead of the shipped "
+            "defaults. Default: not set (the policies shipped with ztlab). "
+            'Example: `directory = "/etc/ztlab/policies"`.'
+        ),
+    )
+
+
+class RoleConfig(_Model):
+    """``[roles.NAME]``: what a role is for and how much of the machine it may use."""
+
+    description: str = Field(
+        default="",
+        description=(
+            "What the role is for, shown to administrators. Default: empty for a new role; "
+            'the built-in roles have their own. Example: `description = "Runs training"`.'
+        ),
+    )
+    max_gpus: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Most GPUs one server of this role may hold (an integer >= 0). Default: `0` "
+            "(built-in: 1 for `trainer`, 0 for the others). Example: `max_gpus = 2`."
+        ),
+    )
+    memory: MemorySize = Field(
+        default=2 * 1024**3,
+        description=(
+            'Memory limit of one server: a size such as "16G" or "512M" (K, M, G and T are '
+            '1024-based; a bare integer is bytes). Default: `"2G"` (built-in: admin 4G, '
+            'data-steward 8G, trainer 32G, approver 4G, viewer 2G). Example: `memory = "16G"`.'
+        ),
+    )
+    cpus: float = Field(
+        default=1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "CPU cores one server may use (a number > 0; fractions allowed). Default: `1` "
+            "(built-in: admin 2, data-steward 2, trainer 8, approver 1, viewer 1). "
+            "Example: `cpus = 4`."
+        ),
+    )
+    max_server_hours: float = Field(
+        default=8.0,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "Hours a server of this role may run before it is stopped (a number > 0). "
+            "Default: `8` (built-in: trainer 24, viewer 4, the others 8). "
+            "Example: `max_server_hours = 12`."
+        ),
+    )
+
+
+#: the built-in roles, in their documented order
+DEFAULT_ROLE_NAMES: Final = ("admin", "data-steward", "trainer", "approver", "viewer")
+
+
+def _default_role_tables() -> dict[str, dict[str, Any]]:
+    """The built-in roles as TOML tables (least privilege: only ``trainer`` gets a GPU)."""
+    return {
+        "admin": {
+            "description": (
+                "Operates the environment: users, groups, policies, GPU pools and the audit "
+                "log. Runs no GPU work."
+            ),
+            "max_gpus": 0,
+            "memory": "4G",
+            "cpus": 2.0,
+            "max_server_hours": 8.0,
+        },
+        "data-steward": {
+            "description": "Registers and classifies data sets and decides who may use them.",
+            "max_gpus": 0,
+            "memory": "8G",
+            "cpus": 2.0,
+            "max_server_hours": 8.0,
+        },
+        "trainer": {
+            "description": "Trains and evaluates models on the GPU pools open to the role.",
+            "max_gpus": 1,
+            "memory": "32G",
+            "cpus": 8.0,
+            "max_server_hours": 24.0,
+        },
+        "approver": {
+            "description": (
+                "Reviews and approves requests raised by others, such as exporting results "
+                "or models."
+            ),
+            "max_gpus": 0,
+            "memory": "4G",
+            "cpus": 1.0,
+            "max_server_hours": 8.0,
+        },
+        "viewer": {
+            "description": "Reads shared results and reports; runs no GPU work.",
+            "max_gpus": 0,
+            "memory": "2G",
+            "cpus": 1.0,
+            "max_server_hours": 4.0,
+        },
+    }
+
+
+def default_roles() -> dict[str, RoleConfig]:
+    """The five built-in roles with their default quotas (a new dict on every call)."""
+    return {name: RoleConfig.model_validate(t) for name, t in _default_role_tables().items()}
+
+
+class GpuPool(_Model):
+    """``[gpu.pools.NAME]``: a set of GPUs and the roles allowed to use them."""
+
+    description: str = Field(
+        default="",
+        description=(
+            "What the pool is for, shown to users choosing a pool. Default: empty. "
+            'Example: `description = "A100s for training"`.'
+        ),
+    )
+    gpus: Annotated[list[GpuId], Expect("an array of GPU ids")] = Field(
+        description=(
+            'GPUs in the pool, as NVIDIA tools name them: an index ("0"), a GPU UUID '
+            '("GPU-<uuid>") or a MIG device ("MIG-<uuid>"). A GPU may be in only one pool, '
+            'once. Default: none, required (at least one GPU). Example: `gpus = ["0", "1"]`.'
+        ),
+    )
+    roles: Annotated[list[str], Expect("an array of role names")] = Field(
+        description=(
+            "Roles allowed to use the pool; each must be a defined role. Default: none, "
+            'required (an empty array closes the pool). Example: `roles = ["trainer"]`.'
+        ),
+    )
+
+
+class GpuConfig(_Model):
+    """``[gpu]``: GPU pools."""
+
+    pools: dict[PoolName, GpuPool] = Field(
+        default_factory=dict,
+        description=(
+            "GPU pools by name (lower-case letters, digits, `-` and `_`). Default: none (no "
+            "GPU is handed out). Example: `[gpu.pools.research]` with "
+            '`gpus = ["0", "1"]` and `roles = ["trainer"]`.'
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The whole file
+# --------------------------------------------------------------------------------------
+
+
+class ZtlabConfig(_Model):
+    """The validated contents of ``ztlab.toml``.
+
+    Build one with :func:`~ztlab.common.config.load_config` (a file) or
+    :func:`~ztlab.common.config.parse_config` (a mapping); both raise one
+    :class:`InvalidConfigError` listing every problem. ``ZtlabConfig()`` is the default
+    configuration.
+    """
+
+    state_dir: AbsPath = Field(
+        default_factory=lambda: Path("/var/lib/ztlab"),
+        description=(
+            "Directory for files that hold state or secrets (audit log, keys, generated "
+            "secrets). It must be readable only by the control plane. "
+            'Default: `/var/lib/ztlab`. Example: `state_dir = "/srv/ztlab/state"`.'
+        ),
+    )
+    hub: HubConfig = Field(
+        default_factory=HubConfig, description="The hub (JupyterHub control plane)."
+    )
+    audit: AuditConfig = Field(
+        default_factory=AuditConfig,
+        description="The tamper-evident audit log and its signed checkpoints.",
+    )
+    policy: PolicyConfig = Field(
+        default_factory=PolicyConfig, description="The Cedar access-control policies."
+    )
+    roles: dict[RoleName, RoleConfig] = Field(
+        default_factory=default_roles,
+        description=(
+            "Roles and their quotas. The built-in roles admin, data-steward, trainer, "
+            "approver and viewer always exist; a `[roles.NAME]` table changes the keys it "
+            "sets of a built-in role (the others keep their built-in values) or adds a new "
+            "role (unset keys take the defaults below). Roles cannot be removed. "
+            "Default: the five built-in roles. Example: `[roles.trainer]` with `max_gpus = 2`."
+        ),
+    )
+    groups: dict[GroupName, Annotated[list[str], Expect("an array of role names")]] = Field(
+        default_factory=dict,
+        description=(
+            "Roles granted to the members of each identity-provider group: group name -> "
+            "list of role names, each a defined role. Default: none (nobody has a role). "
+            'Example: `ml-team = ["trainer", "viewer"]`.'
+        ),
+    )
+    gpu: GpuConfig = Field(default_factory=GpuConfig, description="GPU pools.")
+    secrets: SecretsConfig = Field(
+        default_factory=SecretsConfig,
+        description=(
+            'Secrets, each a reference `{ env = "NAME" }` or `{ file = "/path" }`; a secret '
+            "written into the configuration file itself is refused."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_default_roles(cls, data: Any) -> Any:
+        """Lay the ``[roles]`` tables of the file over the built-in roles, key by key."""
+        if not isinstance(data, Mapping) or "roles" not in data:
+            return data
+        given = data["roles"]
+        if not isinstance(given, Mapping):
+            return data
+        merged: dict[Any, Any] = dict(_default_role_tables())
+        for name, table in given.items():
+            base = merged.get(name)
+            if isinstance(base, dict) and isinstance(table, Mapping):
+                merged[name] = {**base, **table}
+            elif isinstance(table, RoleConfig) and isinstance(base, dict):
+                merged[name] = {**base, **table.model_dump(exclude_unset=True)}
+            else:
+                merged[name] = table
+        return {**data, "roles": merged}
+
+    @model_validator(mode="after")
+    def _check_references(self) -> ZtlabConfig:
+        problems = list(_cross_reference_problems(self))
+        if problems:
+            # Not a ValueError: pydantic lets it through unchanged, with every problem.
+            raise InvalidConfigError("<config>", problems)
+        for path, ref in self.secret_refs().items():
+            ref._key_path = path
+        return self
+
+    # -- derived values --------------------------------------------------------------
+
+    @property
+    def audit_log_path(self) -> Path:
+        """The audit log file (``audit.log``, default ``<state_dir>/audit/audit.jsonl``)."""
+        return self.audit.log_path(self.state_dir)
+
+    @property
+    def audit_signing_key_path(self) -> Path:
+        """The checkpoint signing key (default ``<state_dir>/keys/audit-ed25519.key``)."""
+        return self.audit.signing_key_path(self.state_dir)
+
+    @property
+    def policy_directory(self) -> Path | None:
+        """The policy directory, or ``None`` for the policies shipped with ztlab."""
+        return self.policy.directory
+
+    def secret_refs(self) -> dict[str, SecretRef]:
+        """Every secret reference that is set, by key path (``secrets.cookie_secret``)."""
+        return dict(_iter_secret_refs(self, ()))
+
+    def resolve_secrets(self) -> dict[str, SecretStr]:
+        """Resolve every secret reference now; one :class:`SecretError` lists all failures."""
+        values: dict[str, SecretStr] = {}
+        failures: list[SecretError] = []
+        for path, ref in self.secret_refs().items():
+            try:
+                values[path] = ref.resolve()
+            except SecretError as exc:
+                failures.append(exc)
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            lines = "\n".join(f"  {f.message}" for f in failures)
+            hints = "; ".join(f.hint for f in failures if f.hint)
+            raise SecretError(
+                f"{len(failures)} secrets cannot be resolved\n{lines}", hint=hints or None
+            )
+        return values
+
+    def effective(self) -> ZtlabConfig:
+        """A copy with the computed defaults written in (the audit log and key paths)."""
+        audit = self.audit.model_copy(
+            update={"log": self.audit_log_path, "signing_key": self.audit_signing_key_path}
+        )
+        return self.model_copy(update={"audit": audit})
+
+
+def _iter_secret_refs(
+    model: BaseModel, prefix: tuple[str | int, ...]
+) -> Iterator[tuple[str, SecretRef]]:
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        here = (*prefix, name)
+        if isinstance(value, SecretRef):
+            yield key_path(here), value
+        elif isinstance(value, BaseModel):
+            yield from _iter_secret_refs(value, here)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(item, SecretRef):
+                    yield key_path((*here, str(key))), item
+                elif isinstance(item, BaseModel):
+                    yield from _iter_secret_refs(item, (*here, str(key)))
+
+
+def _cross_reference_problems(config: ZtlabConfig) -> Iterator[Problem]:
+    """Problems no single key shows: unknown roles, GPUs listed twice, empty pools."""
+    known = ", ".join(sorted(config.roles))
+
+    def check_roles(names: Sequence[str], where: tuple[str | int, ...]) -> Iterator[Problem]:
+        seen: dict[str, int] = {}
+        for i, name in enumerate(names):
+            here = key_path((*where, i))
+            if name not in config.roles:
+                yield Problem(here, f'role "{name}" does not exist; expected one of: {known}')
+            elif name in seen:
+                first = key_path((*where, seen[name]))
+                yield Problem(
+                    here, f'role "{name}" is listed twice (also at {first}); expected each once'
+                )
+            seen.setdefault(name, i)
+
+    for group, roles in config.groups.items():
+        yield from check_roles(roles, ("groups", group))
+
+    gpu_seen: dict[str, str] = {}
+    for pool_name, pool in config.gpu.pools.items():
+        where = ("gpu", "pools", pool_name)
+        if not pool.gpus:
+            yield Problem(
+                key_path((*where, "gpus")),
+                "the pool has no GPUs; expected at least one GPU id",
+            )
+        for i, gpu in enumerate(pool.gpus):
+            here = key_path((*where, "gpus", i))
+            if gpu in gpu_seen:
+                yield Problem(
+                    here,
+                    f'GPU "{gpu}" is listed twice (also at {gpu_seen[gpu]}); '
+                    "expected each GPU in exactly one pool",
+                )
+            else:
+                gpu_seen[gpu] = here
+        yield from check_roles(pool.roles, (*where, "roles"))
