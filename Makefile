@@ -11,7 +11,6 @@ SHELL := /bin/bash
 PYTHON      ?= /usr/bin/python3
 PREFIX      ?= /opt/ztlab
 VENV        ?= $(PREFIX)/venv
-STATE_DIR   ?= /var/lib/ztlab
 CONFIG      ?= ztlab.example.toml
 BIN         := $(VENV)/bin
 PIP         := $(BIN)/python -m pip --disable-pip-version-check
@@ -80,7 +79,7 @@ bench: venv-dev ## run the benchmarks and print their tables
 
 up: venv ## install everything and start the environment on 127.0.0.1
 	$(BIN)/ztlab config check $(CONFIG)
-	$(BIN)/ztlab up --config $(CONFIG) --state-dir $(STATE_DIR)
+	$(BIN)/ztlab up --config $(CONFIG)
 
 clean: ## remove build outputs (not the venv, not the state)
 	rm -rf docs/_build build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -33,6 +33,7 @@ from ztlab.common.auditlog.checkpoint import (
     check_origin,
     key_hash,
     signed_note,
+    verifier_key,
 )
 from ztlab.common.auditlog.paths import (
     checkpoints_path,
@@ -248,6 +249,11 @@ class AuditLog:
             if self._closed:
                 raise AuditError(f"{self.path}: the audit log is closed")
             self._queue.put(item)
+
+    @property
+    def verifier_key(self) -> str:
+        """The public key as a C2SP signed-note verifier key, to pin elsewhere."""
+        return verifier_key(self.origin, self._key.public_key())
 
     @property
     def size(self) -> int:

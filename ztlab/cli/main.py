@@ -13,6 +13,7 @@ from ztlab import __version__
 from ztlab.cli.audit import audit_group
 from ztlab.cli.config import config_group
 from ztlab.cli.policy import policy_group
+from ztlab.cli.up import up_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +25,7 @@ def cli() -> None:
 cli.add_command(config_group)
 cli.add_command(policy_group)
 cli.add_command(audit_group)
+cli.add_command(up_command)
 
 
 def main() -> None:
