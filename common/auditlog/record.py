@@ -72,7 +72,7 @@ def utc_timestamp(now: datetime | None = None) -> str:
 
 
 def check_event(actor: str, action: str, detail: Mapping[str, Any] | None) -> str:
-    """Validate one event before it is queued; return its canonical ``detail`` JSON.
+    """Validate one event before it is queued; return its encoded body (see :func:`event_body`).
 
     Raises :class:`UsageError` naming the field and what was expected.
     """
@@ -97,17 +97,24 @@ def check_event(actor: str, action: str, detail: Mapping[str, Any] | None) -> st
         raise UsageError(
             f"audit detail is {len(text)} bytes; expected at most {MAX_RECORD_BYTES - 512}"
         )
-    return text
+    return event_body(actor, action, text)
+
+
+def event_body(actor: str, action: str, detail_json: str) -> str:
+    """The part of a record line after its ``ts``: actor, action and detail, then ``}``."""
+    return f'"actor":{json.dumps(actor)},"action":{json.dumps(action)},"detail":{detail_json}}}'
+
+
+def format_line(*, seq: int, prev: str, ts: str, body: str) -> bytes:
+    """Serialise one record line from an encoded :func:`event_body`, without newline."""
+    return f'{{"seq":{seq},"prev":"{prev}","ts":"{ts}",{body}'.encode("ascii")
 
 
 def format_record(
     *, seq: int, prev: str, ts: str, actor: str, action: str, detail_json: str
 ) -> bytes:
     """Serialise one record line, without its trailing newline."""
-    return (
-        f'{{"seq":{seq},"prev":"{prev}","ts":"{ts}","actor":{json.dumps(actor)},'
-        f'"action":{json.dumps(action)},"detail":{detail_json}}}'
-    ).encode("ascii")
+    return format_line(seq=seq, prev=prev, ts=ts, body=event_body(actor, action, detail_json))
 
 
 def parse_record(line: bytes) -> AuditRecord:

@@ -44,7 +44,7 @@ from ztlab.common.auditlog.paths import (
 from ztlab.common.auditlog.record import (
     GENESIS_PREV,
     check_event,
-    format_record,
+    format_line,
     record_leaf_hash,
     utc_timestamp,
 )
@@ -78,7 +78,8 @@ class RecoveryReport:
     quarantined: tuple[Path, ...]
 
 
-_Event = tuple[str, str, str, "Future[Receipt]"]
+# an encoded event body, and the future to resolve (None for fire-and-forget records)
+_Event = tuple[str, "Future[Receipt] | None"]
 _CHECKPOINT = object()
 _CLOSE = object()
 
@@ -215,9 +216,8 @@ class AuditLog:
         self, actor: str, action: str, detail: Mapping[str, Any] | None = None
     ) -> Future[Receipt]:
         """Queue one event; the future resolves to its :class:`Receipt` once durable."""
-        detail_json = check_event(actor, action, detail)
         future: Future[Receipt] = Future()
-        self._enqueue((actor, action, detail_json, future))
+        self._enqueue((check_event(actor, action, detail), future))
         return future
 
     def append(
@@ -232,8 +232,11 @@ class AuditLog:
         return self.submit(actor, action, detail).result(timeout)
 
     def record(self, *, actor: str, action: str, detail: Mapping[str, Any]) -> None:
-        """:class:`~ztlab.common.auditlog.sink.AuditSink`: queue an event without waiting."""
-        self.submit(actor, action, detail)
+        """:class:`~ztlab.common.auditlog.sink.AuditSink`: queue an event without waiting.
+
+        Raises at once if the log has failed or is closed (enforcement fails closed).
+        """
+        self._enqueue((check_event(actor, action, detail), None))
 
     def checkpoint(self) -> Future[Checkpoint | None]:
         """Ask for a signed checkpoint of everything written so far (``None`` if no change)."""
@@ -322,30 +325,26 @@ class AuditLog:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not _CLOSE:
-                future = item[3] if len(item) == 4 else item[1]
-                future.set_exception(AuditError(f"{self.path}: the audit log is closed"))
+            if item is not _CLOSE and item[1] is not None:
+                item[1].set_exception(AuditError(f"{self.path}: the audit log is closed"))
 
     def _write_batch(self, events: list[_Event]) -> None:
         if self._failure is not None:
-            for *_, future in events:
-                future.set_exception(self._failure)
+            _reject(events, self._failure)
             return
         ts = utc_timestamp(datetime.now(UTC))
         chunks: list[bytes] = []
-        receipts: list[Receipt] = []
+        leaves: list[str] = []
         tree = self._tree.copy()
         prev = self._prev
-        for actor, action, detail_json, _ in events:
-            seq = tree.size
-            line = format_record(
-                seq=seq, prev=prev, ts=ts, actor=actor, action=action, detail_json=detail_json
-            )
+        first = tree.size
+        for body, _ in events:
+            line = format_line(seq=tree.size, prev=prev, ts=ts, body=body)
             leaf = record_leaf_hash(line)
             tree.append(leaf)
             prev = leaf.hex()
             chunks.append(line + b"\n")
-            receipts.append(Receipt(seq=seq, leaf_hash=prev, ts=ts))
+            leaves.append(prev)
         data = b"".join(chunks)
         try:
             _write_all(self._records_fd, data)
@@ -354,14 +353,14 @@ class AuditLog:
             self._fail(f"cannot write the audit log: {exc.strerror}", exc)
             with contextlib.suppress(OSError):
                 os.ftruncate(self._records_fd, self._size_on_disk)
-            for *_, future in events:
-                future.set_exception(self._failure or AuditError("audit log failed"))
+            _reject(events, self._failure or AuditError("audit log failed"))
             return
         self._size_on_disk += len(data)
         self._tree = tree
         self._prev = prev
-        for (*_, future), receipt in zip(events, receipts, strict=True):
-            future.set_result(receipt)
+        for offset, (_, future) in enumerate(events):
+            if future is not None:
+                future.set_result(Receipt(seq=first + offset, leaf_hash=leaves[offset], ts=ts))
 
     def _signed_checkpoint(self) -> Checkpoint | None:
         if self._failure is not None or self._tree.size == self._covered:
@@ -389,6 +388,12 @@ class AuditLog:
         error = AuditError(f"{self.path}: {message}; the audit log refuses further appends")
         error.__cause__ = exc
         self._failure = error
+
+
+def _reject(events: list[_Event], error: AuditError) -> None:
+    for _, future in events:
+        if future is not None:
+            future.set_exception(error)
 
 
 def _resolve(
