@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -561,12 +565,45 @@ def test_world_writable_file_is_refused(in_tmp: Path) -> None:
     assert info.value.hint == "chmod o-w ztlab.toml"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_file(in_tmp: Path) -> None:
-    write(in_tmp, "").chmod(0o000)
-    with pytest.raises(ConfigError) as info:
-        load_config("ztlab.toml")
-    assert info.value.message == "ztlab.toml: cannot be read: permission denied"
+    """Root reads any file, so as root the check runs as the unprivileged user nobody."""
+    if os.geteuid() != 0:
+        write(in_tmp, "").chmod(0o000)
+        with pytest.raises(ConfigError) as info:
+            load_config("ztlab.toml")
+        assert info.value.message == "ztlab.toml: cannot be read: permission denied"
+        return
+    folder = Path(tempfile.mkdtemp(prefix="ztlab-unreadable-"))
+    try:
+        folder.chmod(0o755)
+        write(folder, "").chmod(0o000)
+        script = (
+            "from ztlab.common.config import load_config\n"
+            "from ztlab.common.errors import ConfigError\n"
+            "try:\n    load_config('ztlab.toml')\n"
+            "except ConfigError as exc:\n    print(exc.message)\n"
+        )
+        result = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                script,
+            ],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert result.stdout.strip() == "ztlab.toml: cannot be read: permission denied", (
+            result.stderr
+        )
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_not_utf8(in_tmp: Path) -> None:
