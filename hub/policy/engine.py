@@ -33,6 +33,7 @@ everything; several roles grant the union of their permissions.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import re
@@ -175,6 +176,12 @@ class PolicyEngine:
             directory, fallback_schema=directory.joinpath(_load.SCHEMA_FILE)
         )
         return cls._from_sources(sources, audit=audit)
+
+    def with_audit(self, audit: AuditSink | None) -> PolicyEngine:
+        """The same policies recording decisions to ``audit`` (this engine is unchanged)."""
+        twin = copy.copy(self)
+        twin._audit = audit
+        return twin
 
     @classmethod
     def _from_sources(

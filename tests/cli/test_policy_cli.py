@@ -214,3 +214,33 @@ def test_real_subprocess_exit_statuses() -> None:
     )  # fmt: skip
     assert bad.returncode == 2
     assert "error: --context is not valid JSON" in bad.stderr
+
+
+def test_check_records_the_decision_in_an_audit_log(tmp_path: Path) -> None:
+    from tests.auditlog_helpers import record_lines, verify
+    from ztlab.common.auditlog.record import parse_record
+
+    log = tmp_path / "audit.jsonl"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "policy",
+            "check",
+            "--principal",
+            "bob",
+            "--roles",
+            "viewer",
+            "--action",
+            "lease_gpu",
+            "--resource",
+            "pool:research",
+            "--audit-log",
+            str(log),
+        ],
+    )
+    assert result.exit_code == 1
+    assert verify(log).records == 1
+    record = parse_record(record_lines(log)[0][:-1])
+    assert (record.actor, record.action) == ("bob", "policy.decision")
+    assert record.detail["allowed"] is False
+    assert record.detail["resource"] == "pool:research"

@@ -79,6 +79,12 @@ def policy_group() -> None:
     default=None,
     help=_POLICY_DIR_HELP,
 )
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Record the decision in this audit log (its key: <log>.key), as enforcement does.",
+)
 @click.pass_context
 @handle_errors
 def check_command(
@@ -89,11 +95,19 @@ def check_command(
     resource: str,
     context_json: str | None,
     policy_dir: Path | None,
+    audit_log: Path | None,
 ) -> None:
     """Decide one request; exit 0 if allowed, 1 if denied, 2 on bad input."""
     context = _parse_context(context_json)
     principal = Principal(name=name, roles=_parse_roles(roles))
-    decision = _engine(policy_dir).authorize(principal, action, resource, context)
+    engine = _engine(policy_dir)
+    if audit_log is None:
+        decision = engine.authorize(principal, action, resource, context)
+    else:
+        from ztlab.hub.audit import AuditLog
+
+        with AuditLog.open(audit_log) as log:
+            decision = engine.with_audit(log).authorize(principal, action, resource, context)
     verdict = "ALLOW" if decision.allowed else "DENY "
     click.echo(f"{verdict}  {name} {action} {resource}")
     click.echo(f"  {decision.reason}")
