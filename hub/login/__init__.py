@@ -1,0 +1,1 @@
+"""Zero-trust login: verified ID tokens, enforced MFA, least-privilege roles."""
