@@ -16,12 +16,12 @@ BIN         := $(VENV)/bin
 PIP         := $(BIN)/python -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-# Debian packages the project needs on a fresh machine.
+# Debian packages the project needs on a fresh machine (node and npm come with the machine).
 DEBIAN_PACKAGES := python3 python3-venv python3-dev
 # ...and those only the tests and benchmarks need.
 DEBIAN_TEST_PACKAGES := b3sum
 
-.PHONY: help up test lint docs bench system-deps system-test-deps venv venv-dev clean
+.PHONY: help up down test lint docs bench system-deps system-test-deps venv venv-dev npm clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -62,6 +62,14 @@ venv: system-deps $(VENV)/.ztlab-installed ## create the venv and install ztlab
 venv-dev: system-test-deps $(VENV)/.ztlab-dev-installed ## create the venv and install ztlab[dev]
 	@grep -qx "$(CURDIR)" $(VENV)/.ztlab-dev-installed || { $(PIP) install -q -e '.[dev]' && echo "$(CURDIR)" > $(VENV)/.ztlab-dev-installed; }
 
+# The npm parts: configurable-http-proxy (the hub's proxy) and oidc-provider (the
+# development identity provider), pinned in package-lock.json.
+node_modules/.package-lock.json: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+npm: node_modules/.package-lock.json ## install the npm parts (proxy, development IdP)
+
 lint: venv-dev ## ruff, mypy --strict and the trust-boundary import contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -71,15 +79,18 @@ lint: venv-dev ## ruff, mypy --strict and the trust-boundary import contracts
 docs: venv-dev ## build the docs with warnings as errors
 	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
 
-test: venv-dev lint docs ## install what the tests need and run the whole suite
+test: venv-dev npm lint docs ## install what the tests need and run the whole suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: venv-dev ## run the benchmarks and print their tables
+bench: venv-dev npm ## run the benchmarks and print their tables
 	$(BIN)/python -m bench
 
-up: venv ## install everything and start the environment on 127.0.0.1
+up: venv npm ## install everything and start the environment on 127.0.0.1
 	$(BIN)/ztlab config check $(CONFIG)
 	$(BIN)/ztlab up --config $(CONFIG)
+
+down: ## stop what `make up` started
+	$(BIN)/ztlab down --config $(CONFIG)
 
 clean: ## remove build outputs (not the venv, not the state)
 	rm -rf docs/_build build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -11,6 +11,7 @@ The field descriptions are the configuration reference: the docs generate it fro
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -484,6 +485,174 @@ class HubConfig(_Model):
             '(this machine only). Example: `bind_url = "https://0.0.0.0:443/lab"`.'
         ),
     )
+    api_url: HttpUrlText = Field(
+        default="http://127.0.0.1:8081",
+        description=(
+            "URL the hub's own API listens on, for the proxy and the user servers. "
+            'Default: `http://127.0.0.1:8081`. Example: `api_url = "http://10.0.0.5:8081"`.'
+        ),
+    )
+    proxy_api_url: HttpUrlText = Field(
+        default="http://127.0.0.1:8001",
+        description=(
+            "URL of configurable-http-proxy's REST API (only the hub talks to it). "
+            'Default: `http://127.0.0.1:8001`. Example: `proxy_api_url = "http://127.0.0.1:9001"`.'
+        ),
+    )
+
+
+def _check_network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError as exc:
+        raise _fail(f"{value!r} is not an IP network") from exc
+
+
+Network = Annotated[
+    str,
+    AfterValidator(_check_network),
+    Expect('an IP network such as "10.0.0.0/8" or "127.0.0.1/32"'),
+]
+
+
+class LoginConfig(_Model):
+    """``[login]``: OpenID Connect login with enforced MFA and short sessions."""
+
+    issuer: HttpUrlText = Field(
+        default="http://127.0.0.1:8009",
+        description=(
+            "The OpenID provider's issuer URL; its discovery document must name exactly this "
+            "issuer. Default: `http://127.0.0.1:8009` (the development provider `make up` "
+            'starts). Example: `issuer = "https://keycloak.example.org/realms/research"`.'
+        ),
+    )
+    client_id: str = Field(
+        default="ztlab-hub",
+        min_length=1,
+        description=(
+            "The hub's OAuth client id at the provider; ID tokens must name it in `aud`. "
+            'Default: `ztlab-hub`. Example: `client_id = "jupyterhub"`.'
+        ),
+    )
+    username_claim: str = Field(
+        default="preferred_username",
+        min_length=1,
+        description=(
+            "ID-token / userinfo claim that holds the user name. "
+            'Default: `preferred_username`. Example: `username_claim = "email"`.'
+        ),
+    )
+    groups_claim: str = Field(
+        default="groups",
+        min_length=1,
+        description=(
+            "Claim that lists the user's provider groups (mapped to roles by `[groups]`). "
+            'Default: `groups`. Example: `groups_claim = "roles"`.'
+        ),
+    )
+    scopes: list[str] = Field(
+        default_factory=lambda: ["openid", "profile", "email", "groups", "offline_access"],
+        description=(
+            "Scopes asked for; must include `openid`. Default: "
+            '`["openid", "profile", "email", "groups", "offline_access"]`. '
+            'Example: `scopes = ["openid", "email", "groups"]`.'
+        ),
+    )
+    accepted_amr: list[str] = Field(
+        default_factory=lambda: ["mfa", "otp", "hwk"],
+        description=(
+            "`amr` values (RFC 8176) that prove a second factor at the provider; a login "
+            "whose ID token shows none of them (and no accepted `acr`) must pass the hub's "
+            'TOTP step-up. Default: `["mfa", "otp", "hwk"]`. Example: `accepted_amr = ["mfa"]`.'
+        ),
+    )
+    accepted_acr: list[str] = Field(
+        default_factory=list,
+        description=(
+            "`acr` values that prove a second factor. Default: none. "
+            'Example: `accepted_acr = ["urn:ztlab:mfa", "gold"]`.'
+        ),
+    )
+    session_max_age_seconds: int = Field(
+        default=8 * 3600,
+        ge=1,
+        description=(
+            "Longest a hub session lasts after login, in seconds. "
+            "Default: `28800` (8 hours). Example: `session_max_age_seconds = 3600`."
+        ),
+    )
+    session_idle_seconds: int = Field(
+        default=3600,
+        ge=1,
+        description=(
+            "A session unused this long, in seconds, needs a new login. "
+            "Default: `3600`. Example: `session_idle_seconds = 900`."
+        ),
+    )
+    auth_refresh_age_seconds: int = Field(
+        default=300,
+        ge=1,
+        description=(
+            "How often, in seconds, the hub re-checks a user with the provider (a disabled "
+            "account or a removed group takes effect then, and before every spawn). "
+            "Default: `300`. Example: `auth_refresh_age_seconds = 60`."
+        ),
+    )
+    token_max_age_seconds: int = Field(
+        default=8 * 3600,
+        ge=60,
+        description=(
+            "Longest lifetime of an API token the hub issues, in seconds. "
+            "Default: `28800`. Example: `token_max_age_seconds = 3600`."
+        ),
+    )
+    allowed_networks: list[Network] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description=(
+            "Client addresses allowed to log in. Default: this machine only "
+            '(`["127.0.0.0/8", "::1/128"]`). Example: `allowed_networks = ["10.20.0.0/16"]`.'
+        ),
+    )
+    step_up_on_new_context: bool = Field(
+        default=True,
+        description=(
+            "Ask for the hub's TOTP code again when a user logs in from a new address or "
+            "browser, even with provider MFA (risk-based step-up). Default: `true`. "
+            "Example: `step_up_on_new_context = false`."
+        ),
+    )
+    totp_max_failures: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description=(
+            "Wrong TOTP codes in a row before the account is locked. Default: `5`. "
+            "Example: `totp_max_failures = 3`."
+        ),
+    )
+    totp_lockout_seconds: int = Field(
+        default=900,
+        ge=1,
+        description=(
+            "How long, in seconds, a locked account stays locked (an admin may unlock it "
+            "sooner). Default: `900`. Example: `totp_lockout_seconds = 3600`."
+        ),
+    )
+    development_provider: bool = Field(
+        default=False,
+        description=(
+            "Start the development OpenID provider (demo users, on `issuer`) with `ztlab up`; "
+            "its client secret is generated under `state_dir`. Never for production. "
+            "Default: `false`. Example: `development_provider = true`."
+        ),
+    )
+    validate_provider_certificate: bool = Field(
+        default=True,
+        description=(
+            "Verify the provider's TLS certificate. Default: `true`; turn off only for a "
+            "test provider. Example: `validate_provider_certificate = false`."
+        ),
+    )
 
 
 class AuditConfig(_Model):
@@ -724,6 +893,10 @@ class ZtlabConfig(_Model):
     )
     policy: PolicyConfig = Field(
         default_factory=PolicyConfig, description="The Cedar access-control policies."
+    )
+    login: LoginConfig = Field(
+        default_factory=LoginConfig,
+        description="OpenID Connect login with enforced MFA and short sessions.",
     )
     roles: dict[RoleName, RoleConfig] = Field(
         default_factory=default_roles,

@@ -1,47 +1,103 @@
-"""``ztlab up``: state directory, keys and the first audit record, from a config file."""
+"""``ztlab up`` / ``ztlab down``: the whole environment, started for real on free ports."""
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+import requests
 from click.testing import CliRunner
 
 from tests.auditlog_helpers import verify
+from tests.hub.login.conftest import free_port
 from ztlab.cli.main import cli
 from ztlab.common.auditlog.record import parse_record
+from ztlab.hub.devidp.flow import idp_login
 
 
-def _config(tmp_path: Path, extra: str = "") -> Path:
+def _config(tmp_path: Path, extra: str = "") -> tuple[Path, str]:
+    hub = f"http://127.0.0.1:{free_port()}"
     path = tmp_path / "ztlab.toml"
-    path.write_text(f'state_dir = "{tmp_path / "state"}"\n{extra}')
-    return path
+    path.write_text(
+        f"""
+state_dir = "{tmp_path / "state"}"
+[hub]
+bind_url = "{hub}"
+api_url = "http://127.0.0.1:{free_port()}"
+proxy_api_url = "http://127.0.0.1:{free_port()}"
+[login]
+issuer = "http://127.0.0.1:{free_port()}"
+development_provider = true
+[groups]
+ml-trainers = ["trainer"]
+[secrets]
+oidc_client_secret = {{ file = "{tmp_path / "state" / "secrets" / "oidc-client-secret"}" }}
+{extra}
+"""
+    )
+    return path, hub
 
 
-def test_up_prepares_the_state_and_records_itself(tmp_path: Path) -> None:
-    config = _config(tmp_path)
-    result = CliRunner().invoke(cli, ["up", "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    state = tmp_path / "state"
-    assert stat.S_IMODE(state.stat().st_mode) == 0o700
-    key = state / "keys" / "audit-ed25519.key"
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    log = state / "audit" / "audit.jsonl"
-    report = verify(log)
-    assert report.records == report.covered == 1
-    record = parse_record(log.read_bytes().splitlines()[0])
-    assert record.action == "control_plane.up"
-    assert "trainer" in record.detail["roles"]
-    assert "audit public key  ztlab.local/audit+" in result.output
-    # a second start appends to the same log with the same key
-    result = CliRunner().invoke(cli, ["up", "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    assert verify(log).records == 2
+def _ztlab(*args: str) -> subprocess.CompletedProcess[str]:
+    ztlab = Path(sys.executable).with_name("ztlab")
+    return subprocess.run(
+        [str(ztlab), *args], capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+@pytest.mark.e2e
+def test_up_starts_the_idp_and_the_hub_and_down_stops_them(tmp_path: Path) -> None:
+    config, hub = _config(tmp_path)
+    up = _ztlab("up", "--config", str(config))
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"open              {hub}/hub/" in up.stdout
+        assert "alice  ml-trainers" in up.stdout
+        state = tmp_path / "state"
+        # state and secrets are readable by the control plane only
+        for path in (state, state / "hub", state / "secrets"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+        for path in (
+            state / "hub" / "jupyterhub.sqlite",
+            state / "hub" / "jupyterhub_cookie_secret",
+            state / "secrets" / "oidc-client-secret",
+            state / "keys" / "audit-ed25519.key",
+            state / "audit" / "audit.jsonl",
+        ):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        # a demo user can sign in through the development IdP
+        session = requests.Session()
+        final = idp_login(
+            session, f"{hub}/hub/oauth_login", username="alice", password="alice-password",
+            follow_redirects=True,
+        )
+        assert final.status_code == 200
+        assert final.url.endswith("/hub/home")
+    finally:
+        down = _ztlab("down", "--config", str(config))
+    assert down.returncode == 0, down.stderr
+    assert "hub: stopped" in down.stdout
+    assert "devidp: stopped" in down.stdout
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{hub}/hub/health", timeout=5)
+    report = verify(tmp_path / "state" / "audit" / "audit.jsonl")
+    actions = [
+        parse_record(line).action
+        for line in (tmp_path / "state" / "audit" / "audit.jsonl").read_bytes().splitlines()
+    ]
+    assert actions[0] == "control_plane.up"
+    assert "login.success" in actions
+    assert report.records == len(actions)
 
 
 def test_up_refuses_an_invalid_config(tmp_path: Path) -> None:
-    config = _config(tmp_path, "[audit]\ncheckpoint_interval_seconds = 0\n")
+    config, _ = _config(tmp_path, "[audit]\ncheckpoint_interval_seconds = 0\n")
     result = CliRunner().invoke(cli, ["up", "--config", str(config)])
     assert result.exit_code == 2
     assert "audit.checkpoint_interval_seconds" in result.stderr
     assert not (tmp_path / "state").exists()  # nothing starts on a half-valid config
+    assert not os.path.exists(tmp_path / "state" / "run")

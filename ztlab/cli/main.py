@@ -12,8 +12,9 @@ import click
 from ztlab import __version__
 from ztlab.cli.audit import audit_group
 from ztlab.cli.config import config_group
+from ztlab.cli.hub import hub_command
 from ztlab.cli.policy import policy_group
-from ztlab.cli.up import up_command
+from ztlab.cli.up import down_command, up_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,6 +27,8 @@ cli.add_command(config_group)
 cli.add_command(policy_group)
 cli.add_command(audit_group)
 cli.add_command(up_command)
+cli.add_command(hub_command)
+cli.add_command(down_command)
 
 
 def main() -> None:

@@ -1,0 +1,138 @@
+"""JupyterHub configuration rendered from ``ztlab.toml``.
+
+``hub/jupyterhub_config.py`` calls :func:`configure`; so does ``ztlab hub``. Files that hold
+state or secrets (the hub database, cookie secret, auth-state key) live under
+``<state_dir>/hub`` (mode 0700) and are created with mode 0600 before JupyterHub opens
+them: stock JupyterHub creates its SQLite database world-readable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ztlab.common.config import ZtlabConfig
+from ztlab.common.errors import ConfigError
+from ztlab.hub.login.authenticator import MFAOAuthenticator, rbac_roles
+
+
+def hub_dir(config: ZtlabConfig) -> Path:
+    """Where the hub keeps its state: ``<state_dir>/hub``."""
+    return config.state_dir / "hub"
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) with mode 0700 and tighten it if it exists."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def private_file(path: Path, *, content: bytes | None = None) -> Path:
+    """Create ``path`` with mode 0600 if missing (with ``content``); tighten it if present."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if content:
+                os.write(fd, content)
+        finally:
+            os.close(fd)
+    path.chmod(0o600)
+    return path
+
+
+def node_modules() -> Path:
+    """The npm parts (configurable-http-proxy, oidc-provider) installed by ``make``."""
+    candidates = [Path(__file__).resolve().parents[1] / "node_modules"]
+    if os.environ.get("ZTLAB_NODE_MODULES"):
+        candidates.insert(0, Path(os.environ["ZTLAB_NODE_MODULES"]))
+    for candidate in candidates:
+        if (candidate / ".bin" / "configurable-http-proxy").exists():
+            return candidate
+    raise ConfigError(
+        "configurable-http-proxy is not installed (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + ")",
+        hint="run `make up` (or `npm ci` in the repository) to install the npm parts",
+    )
+
+
+def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -> None:
+    """Fill a traitlets config ``c`` for JupyterHub from a validated ztlab configuration."""
+    state = private_dir(hub_dir(config))
+    login = config.login
+
+    # -- the hub, its proxy and its database ------------------------------------------------
+    c.JupyterHub.bind_url = config.hub.bind_url
+    c.JupyterHub.hub_bind_url = config.hub.api_url
+    c.ConfigurableHTTPProxy.api_url = config.hub.proxy_api_url
+    c.ConfigurableHTTPProxy.command = [str(node_modules() / ".bin" / "configurable-http-proxy")]
+    c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
+    database = private_file(state / "jupyterhub.sqlite")
+    c.JupyterHub.db_url = f"sqlite:///{database}"
+    c.JupyterHub.cookie_secret_file = str(state / "jupyterhub_cookie_secret")
+    refs = config.secret_refs()
+    if "secrets.cookie_secret" in refs:
+        c.JupyterHub.cookie_secret = refs["secrets.cookie_secret"].resolve().get_secret_value()
+    crypt_key = private_file(state / "auth-state.key", content=secrets.token_hex(32).encode())
+    c.CryptKeeper.keys = [bytes.fromhex(crypt_key.read_text().strip())]
+    c.JupyterHub.pid_file = str(state / "jupyterhub.pid")
+    c.JupyterHub.template_paths = [str(Path(__file__).parent / "login" / "templates")]
+
+    # -- short, re-checked sessions and expiring tokens ---------------------------------------
+    c.JupyterHub.cookie_max_age_days = login.session_max_age_seconds / 86400
+    c.JupyterHub.token_expires_in_max_seconds = login.token_max_age_seconds
+    c.Authenticator.auth_refresh_age = login.auth_refresh_age_seconds
+    c.Authenticator.refresh_pre_spawn = True
+    c.Authenticator.enable_auth_state = True
+
+    # -- login: verified OIDC, enforced MFA, roles from groups --------------------------------
+    c.JupyterHub.authenticator_class = MFAOAuthenticator
+    auth = c.MFAOAuthenticator
+    auth.issuer = login.issuer
+    auth.client_id = login.client_id
+    if "secrets.oidc_client_secret" not in refs:
+        raise ConfigError(
+            f"{config_path or 'ztlab.toml'}: secrets.oidc_client_secret: required for login; "
+            'expected { env = "NAME" } or { file = "/path" }'
+        )
+    auth.client_secret = refs["secrets.oidc_client_secret"].resolve().get_secret_value()
+    auth.oauth_callback_url = public_url(config, "/hub/oauth_callback")
+    auth.scope = list(login.scopes)
+    auth.username_claim = login.username_claim
+    auth.groups_claim = login.groups_claim
+    auth.accepted_amr = list(login.accepted_amr)
+    auth.accepted_acr = list(login.accepted_acr)
+    auth.group_roles = {group: list(roles) for group, roles in config.groups.items()}
+    auth.allowed_networks = list(login.allowed_networks)
+    auth.step_up_on_new_context = login.step_up_on_new_context
+    auth.session_max_age_seconds = login.session_max_age_seconds
+    auth.session_idle_seconds = login.session_idle_seconds
+    auth.validate_server_cert = login.validate_provider_certificate
+    auth.audit_log = str(config.audit_log_path)
+    auth.audit_signing_key = str(config.audit_signing_key_path)
+    auth.audit_origin = config.audit.origin
+    auth.audit_checkpoint_interval = config.audit.checkpoint_interval_seconds
+    auth.totp_db = str(state / "totp.sqlite")
+    auth.totp_key = str(private_dir(config.state_dir / "keys") / "totp.key")
+    auth.totp_max_failures = login.totp_max_failures
+    auth.totp_lockout_seconds = login.totp_lockout_seconds
+    c.JupyterHub.load_roles = rbac_roles(sorted(config.roles))
+
+    # -- user servers ------------------------------------------------------------------------
+    c.JupyterHub.default_url = "/hub/home"
+    c.Spawner.cmd = [shutil.which("jupyterhub-singleuser") or "jupyterhub-singleuser"]
+
+
+def public_url(config: ZtlabConfig, path: str) -> str:
+    """The URL users reach ``path`` at (the bind address made connectable)."""
+    parts = urlsplit(config.hub.bind_url)
+    host = parts.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - a bind address, not a connection target
+        host = "127.0.0.1"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}{path}"

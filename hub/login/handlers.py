@@ -1,0 +1,236 @@
+"""The login's web handlers: start (PKCE, state, nonce), callback, and the TOTP step-up.
+
+No session cookie and no API token exist for a user until both factors have been proven:
+the callback sets the hub's login cookie only when the provider proved MFA; otherwise it
+keeps the verified login server-side, keyed by a random id in a short-lived signed cookie,
+and the step-up page sets the login cookie once the TOTP (or a recovery) code is right.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from jupyterhub.handlers.base import BaseHandler
+from oauthenticator.oauth2 import (
+    OAuthCallbackHandler,
+    OAuthLoginHandler,
+    _deserialize_state,
+    _serialize_state,
+)
+from tornado import web
+
+from ztlab.hub.login.authenticator import (
+    LoginRefused,
+    MFAOAuthenticator,
+    PendingLogin,
+    expected_nonce,
+)
+from ztlab.hub.login.totp import TotpError, TotpStoreError
+
+PENDING_COOKIE = "ztlab-mfa-pending"
+
+
+class _Base:
+    """Helpers shared by our handlers (mixed into JupyterHub's BaseHandler)."""
+
+    authenticator: MFAOAuthenticator
+    request: Any
+
+    def client_context(self) -> tuple[str, str]:
+        ip = self.request.remote_ip or ""
+        agent = self.request.headers.get("User-Agent", "")[:512]
+        return ip, agent
+
+
+class MFALoginHandler(_Base, OAuthLoginHandler):  # type: ignore[misc]
+    """``/hub/oauth_login``: redirect to the provider with PKCE, state and a nonce."""
+
+    async def get(self) -> None:
+        client_ip, _ = self.client_context()
+        self.authenticator.check_network(client_ip)
+        await self.authenticator.provider()
+        redirect_uri = self.authenticator.get_callback_url(self)
+        params = dict(self.authenticator.extra_authorize_params)
+        state_id = self._generate_state_id()
+        nonce = secrets.token_urlsafe(32)
+        code_verifier, code_challenge = self._generate_pkce_params()
+        params.update(
+            code_challenge=code_challenge,
+            code_challenge_method="S256",
+            nonce=nonce,
+            state=_serialize_state({"state_id": state_id}),
+        )
+        self.set_state_cookie(
+            _serialize_state(
+                {
+                    "state_id": state_id,
+                    "next_url": self._get_next_url(),
+                    "code_verifier": code_verifier,
+                    "nonce": nonce,
+                }
+            )
+        )
+        self.authorize_redirect(
+            redirect_uri=redirect_uri,
+            client_id=self.authenticator.client_id,
+            scope=self.authenticator.scope,
+            extra_params=params,
+            response_type="code",
+        )
+
+
+class MFACallbackHandler(_Base, OAuthCallbackHandler):  # type: ignore[misc]
+    """``/hub/oauth_callback``: verify everything, then log in or ask for the step-up."""
+
+    async def get(self) -> None:
+        authenticator = self.authenticator
+        client_ip, user_agent = self.client_context()
+        authenticator.check_network(client_ip)
+        try:
+            self.check_arguments()
+        except web.HTTPError as exc:
+            reason = (exc.log_message or "bad callback").lower().replace(" ", "-")
+            authenticator.record("", "login.refused", reason=reason, client_ip=client_ip)
+            raise LoginRefused(
+                reason,
+                "This sign-in could not be completed (the answer from the identity provider "
+                "did not match the sign-in the hub started). Please sign in again.",
+                status=400,
+            ) from exc
+        state = _deserialize_state(self.get_state_cookie())
+        token = expected_nonce.set(state.get("nonce"))
+        try:
+            auth_model = await authenticator.get_authenticated_user(self, None)
+        finally:
+            expected_nonce.reset(token)
+        if auth_model is None:
+            authenticator.record("", "login.refused", reason="not-allowed", client_ip=client_ip)
+            raise LoginRefused("not-allowed", "You are not allowed to use this hub.")
+        name = auth_model["name"]
+        previous = await _previous_context(self, name)
+        verdict, why = authenticator.mfa_requirement(
+            auth_model, client_ip=client_ip, user_agent=user_agent, previous=previous
+        )
+        if verdict == "satisfied":
+            await finish_login(self, auth_model, method="provider", next_url=self.get_next_url())
+            return
+        pending_id = authenticator.remember_pending(
+            PendingLogin(
+                auth_model=auth_model,
+                next_url=self.get_next_url(),
+                client_ip=client_ip,
+                user_agent=user_agent,
+                why=why,
+            )
+        )
+        authenticator.record(name, "login.mfa_required", why=why, client_ip=client_ip)
+        self.set_secure_cookie(
+            PENDING_COOKIE,
+            pending_id,
+            expires_days=authenticator.pending_login_seconds / 86400,
+            httponly=True,
+            path=self.hub.base_url,
+        )
+        self.redirect(self.hub.base_url + "ztlab/mfa")
+
+
+async def _previous_context(handler: Any, name: str) -> dict[str, Any] | None:
+    user = handler.find_user(name)
+    if user is None:
+        return None
+    state = await user.get_auth_state() or {}
+    ztlab_state = state.get("ztlab")
+    return ztlab_state if isinstance(ztlab_state, dict) else None
+
+
+async def finish_login(
+    handler: Any, auth_model: dict[str, Any], *, method: str, next_url: str
+) -> None:
+    """Both factors are proven: create the session and go where the user was going."""
+    client_ip, user_agent = handler.client_context()
+    handler.authenticator.stamp_session(
+        auth_model, method=method, client_ip=client_ip, user_agent=user_agent
+    )
+    user = await handler.auth_to_user(auth_model)
+    handler.set_login_cookie(user)
+    handler.authenticator.record(
+        user.name,
+        "login.success",
+        mfa=method,
+        roles=auth_model["auth_state"]["ztlab"]["roles"],
+        client_ip=client_ip,
+    )
+    handler.redirect(next_url)
+
+
+class StepUpHandler(_Base, BaseHandler):  # type: ignore[misc]
+    """``/hub/ztlab/mfa``: TOTP enrollment (QR code shown once) or the TOTP code prompt."""
+
+    def _pending(self) -> tuple[str, PendingLogin]:
+        raw = self.get_secure_cookie(PENDING_COOKIE, max_age_days=1)
+        pending_id = raw.decode() if raw else None
+        pending = self.authenticator.pending(pending_id)
+        if pending_id is None or pending is None:
+            raise LoginRefused(
+                "no-pending-login",
+                "Your sign-in has expired or was not started. Please sign in again.",
+                status=400,
+            )
+        client_ip, user_agent = self.client_context()
+        if (client_ip, user_agent) != (pending.client_ip, pending.user_agent):
+            self.authenticator.forget_pending(pending_id)
+            self.authenticator.record(
+                pending.auth_model["name"], "login.refused", reason="context-changed"
+            )
+            raise LoginRefused(
+                "context-changed", "Your sign-in moved to another browser or address."
+            )
+        return pending_id, pending
+
+    async def get(self) -> None:
+        _, pending = self._pending()
+        await self._render(pending)
+
+    async def post(self) -> None:
+        pending_id, pending = self._pending()
+        name = pending.auth_model["name"]
+        code = self.get_body_argument("code", "").strip()
+        totp = self.authenticator.totp
+        try:
+            if self.get_body_argument("stage", "") == "enroll":
+                totp.confirm_enrollment(name, code)
+                method = "totp"
+            else:
+                method = totp.verify(name, code)
+        except TotpError as exc:
+            self.set_status(423 if exc.reason == "locked" else 403)
+            await self._render(pending, error=exc.message)
+            return
+        except TotpStoreError as exc:
+            self.authenticator.record(name, "login.refused", reason="totp-store")
+            raise LoginRefused(
+                "totp-store",
+                "Your second factor cannot be checked. Ask an administrator to reset it.",
+            ) from exc
+        self.authenticator.forget_pending(pending_id)
+        self.clear_cookie(PENDING_COOKIE, path=self.hub.base_url)
+        await finish_login(self, pending.auth_model, method=method, next_url=pending.next_url)
+
+    async def _render(self, pending: PendingLogin, error: str | None = None) -> None:
+        name = pending.auth_model["name"]
+        totp = self.authenticator.totp
+        enrollment = None
+        if not totp.is_enrolled(name) and error is None:
+            enrollment = totp.begin_enrollment(name)
+        html = await self.render_template(
+            "ztlab-mfa.html",
+            username=name,
+            why=pending.why,
+            enrollment=enrollment,
+            enrolling=not totp.is_enrolled(name),
+            error=error,
+            xsrf=self.xsrf_token.decode("ascii"),
+            action=self.hub.base_url + "ztlab/mfa",
+        )
+        self.finish(html)

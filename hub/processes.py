@@ -1,0 +1,116 @@
+"""Background processes of ``ztlab up`` (the development IdP, the hub), tracked by pid files.
+
+Each process runs in its own session (so ``ztlab down`` can stop it with its children),
+logs to ``<state_dir>/logs/NAME.log`` and records its pid in ``<state_dir>/run/NAME.pid``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ztlab.common.errors import ZtlabError
+
+
+class ProcessError(ZtlabError):
+    """A background process could not be started or did not become ready."""
+
+
+@dataclass(frozen=True)
+class ManagedProcess:
+    """One named background process under ``state_dir``."""
+
+    name: str
+    state_dir: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "run" / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        """The pid if the process is alive, else ``None`` (a stale pid file is removed)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            self.pid_file.unlink(missing_ok=True)
+            return None
+        return pid
+
+    def start(
+        self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> int:
+        """Start ``argv`` in the background unless it already runs; return its pid."""
+        running = self.pid()
+        if running is not None:
+            return running
+        for folder in (self.pid_file.parent, self.log_file.parent):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        finally:
+            os.close(fd)
+        self.pid_file.write_text(f"{proc.pid}\n")
+        self.pid_file.chmod(0o600)
+        return proc.pid
+
+    def stop(self, timeout: float = 20) -> bool:
+        """Stop the process and its session (TERM, then KILL); True if one was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the process's log, for error messages."""
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

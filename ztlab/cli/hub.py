@@ -1,0 +1,53 @@
+"""``ztlab hub``: run JupyterHub (with configurable-http-proxy) configured from ztlab.toml."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from ztlab.cli._errors import handle_errors
+from ztlab.common.config import load_config
+from ztlab.common.errors import UsageError
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    envvar="ZTLAB_CONFIG",
+    default="/etc/ztlab/ztlab.toml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The configuration file (or $ZTLAB_CONFIG).",
+)
+
+
+def hub_command_line(config_path: Path) -> tuple[list[str], dict[str, str], Path]:
+    """The JupyterHub command, its environment and working directory for a config file."""
+    from ztlab.hub.hubconfig import hub_dir, node_modules, private_dir
+
+    config = load_config(config_path)
+    jupyterhub = Path(sys.executable).with_name("jupyterhub")
+    if not jupyterhub.exists():
+        found = shutil.which("jupyterhub")
+        if found is None:
+            raise UsageError("jupyterhub is not installed in this environment")
+        jupyterhub = Path(found)
+    node_modules()  # fail early, with the fix, if the npm parts are missing
+    hub_config = Path(__file__).resolve().parents[1] / "hub" / "jupyterhub_config.py"
+    env = dict(os.environ, ZTLAB_CONFIG=str(config_path.resolve()))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    workdir = private_dir(hub_dir(config))
+    return [str(jupyterhub), "-f", str(hub_config)], env, workdir
+
+
+@click.command("hub")
+@CONFIG_OPTION
+@handle_errors
+def hub_command(config_path: Path) -> None:
+    """Run the hub in the foreground (JupyterHub + proxy, login with enforced MFA)."""
+    argv, env, workdir = hub_command_line(config_path)
+    os.chdir(workdir)
+    os.execve(argv[0], argv, env)  # noqa: S606 - replaces this process with the hub
