@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # Debian packages the project needs on a fresh machine (node and npm come with the machine).
 DEBIAN_PACKAGES := python3 python3-venv python3-dev
 # ...and those only the tests and benchmarks need.
-DEBIAN_TEST_PACKAGES := b3sum
+DEBIAN_TEST_PACKAGES := b3sum chromium
 
 .PHONY: help up down test lint docs bench system-deps system-test-deps venv venv-dev npm clean
 
@@ -74,6 +74,7 @@ lint: venv-dev ## ruff, mypy --strict and the trust-boundary import contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy -p ztlab
+	$(BIN)/mypy bench
 	$(BIN)/lint-imports
 
 docs: venv-dev ## build the docs with warnings as errors

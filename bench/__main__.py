@@ -10,7 +10,7 @@ import time
 
 from bench._table import Row, render
 
-SUITES = ["policy", "audit"]
+SUITES = ["policy", "audit", "login"]
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ConfigError
 from ztlab.hub.login.authenticator import MFAOAuthenticator, rbac_roles
+from ztlab.hub.spawner.dedicated import DedicatedUserSpawner
 
 
 def hub_dir(config: ZtlabConfig) -> Path:
@@ -123,9 +124,16 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     auth.totp_lockout_seconds = login.totp_lockout_seconds
     c.JupyterHub.load_roles = rbac_roles(sorted(config.roles))
 
-    # -- user servers ------------------------------------------------------------------------
+    if config.policy_directory is not None:
+        auth.policy_directory = str(config.policy_directory)
+
+    # -- user servers: a dedicated unprivileged account each, after a policy decision -------
+    c.JupyterHub.spawner_class = DedicatedUserSpawner
     c.JupyterHub.default_url = "/hub/home"
-    c.Spawner.cmd = [shutil.which("jupyterhub-singleuser") or "jupyterhub-singleuser"]
+    singleuser = Path(sys.executable).with_name("jupyterhub-singleuser")
+    c.Spawner.cmd = [str(singleuser if singleuser.exists() else "jupyterhub-singleuser")]
+    c.Spawner.default_url = "/lab"
+    c.Spawner.http_timeout = 60
 
 
 def public_url(config: ZtlabConfig, path: str) -> str:

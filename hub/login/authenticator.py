@@ -42,6 +42,7 @@ from ztlab.hub.login.totp import TotpStore
 
 if TYPE_CHECKING:
     from ztlab.hub.audit import AuditLog
+    from ztlab.hub.policy import PolicyEngine
 
 #: the nonce the current login's callback expects (set by the callback handler)
 expected_nonce: ContextVar[str | None] = ContextVar("ztlab_expected_nonce", default=None)
@@ -250,6 +251,16 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         900, config=True, help="""How long a TOTP lockout lasts. Added in 0.1."""
     )
 
+    policy_directory = Unicode(
+        "",
+        config=True,
+        help="""Directory of Cedar policies for the hub's decisions (empty: shipped defaults).
+
+        Example: ``c.MFAOAuthenticator.policy_directory = "/etc/ztlab/policies"``.
+        Added in 0.1.
+        """,
+    )
+
     pending_login_seconds = Integer(
         300,
         config=True,
@@ -292,6 +303,7 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         self._verifier: IdTokenVerifier | None = None
         self._audit_log: AuditLog | None = None
         self._totp: TotpStore | None = None
+        self._policy: PolicyEngine | None = None
         self._pending: dict[str, PendingLogin] = {}
         self._networks = [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
 
@@ -327,6 +339,19 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
                 lockout_seconds=self.totp_lockout_seconds,
             )
         return self._totp
+
+    @property
+    def policy_engine(self) -> PolicyEngine:
+        """The policy decision point, auditing to the hub's audit log."""
+        if self._policy is None:
+            from ztlab.hub.policy import PolicyEngine
+
+            self._policy = (
+                PolicyEngine.from_directory(self.policy_directory, audit=self.audit)
+                if self.policy_directory
+                else PolicyEngine.defaults(audit=self.audit)
+            )
+        return self._policy
 
     def record(self, actor: str, action: str, **detail: Any) -> None:
         """Queue one audit record (never blocks on disk)."""

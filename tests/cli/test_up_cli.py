@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 import sys
@@ -72,7 +71,10 @@ def test_up_starts_the_idp_and_the_hub_and_down_stops_them(tmp_path: Path) -> No
         # a demo user can sign in through the development IdP
         session = requests.Session()
         final = idp_login(
-            session, f"{hub}/hub/oauth_login", username="alice", password="alice-password",
+            session,
+            f"{hub}/hub/oauth_login",
+            username="alice",
+            password="alice-password",
             follow_redirects=True,
         )
         assert final.status_code == 200
@@ -100,4 +102,3 @@ def test_up_refuses_an_invalid_config(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "audit.checkpoint_interval_seconds" in result.stderr
     assert not (tmp_path / "state").exists()  # nothing starts on a half-valid config
-    assert not os.path.exists(tmp_path / "state" / "run")

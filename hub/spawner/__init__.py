@@ -1,0 +1,1 @@
+"""Spawners: how each user's notebook server is started (control plane)."""

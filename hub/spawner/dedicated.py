@@ -1,0 +1,125 @@
+"""``DedicatedUserSpawner``: each hub user's server runs as its own unprivileged Unix account.
+
+The stages of :meth:`start` are fixed: **decide** (the policy engine must allow
+``spawn_server`` on ``server:NAME`` for the user's roles; the decision is audited),
+**account** (``ztl-NAME`` is created on first spawn: never root, no sudo, no login shell,
+a private home of mode 0700), **start** (JupyterHub's local-process start, as that account).
+Namespaces, cgroups and GPU leases are added by the sandbox spawner that builds on this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pwd
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+from jupyterhub.utils import maybe_future
+from tornado import web
+from traitlets import Unicode
+
+_UNIX_NAME = re.compile(r"[a-z_][a-z0-9_-]*\Z")
+
+
+class SpawnRefused(web.HTTPError):
+    """The policy engine refused the spawn; the message says why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(403, "spawn refused by policy")
+        self.jupyterhub_message = message
+
+
+class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
+    """Start each user's server as a dedicated, unprivileged Unix account ``ztl-NAME``."""
+
+    account_prefix = Unicode(
+        "ztl-",
+        config=True,
+        help="""Prefix of the Unix account made for each hub user (``ztl-alice``).
+
+        Example: ``c.DedicatedUserSpawner.account_prefix = "lab-"``. Added in 0.1.
+        """,
+    )
+
+    home_root = Unicode(
+        "/home",
+        config=True,
+        help="""Directory holding the accounts' private homes (mode 0700 each).
+
+        Example: ``c.DedicatedUserSpawner.home_root = "/srv/homes"``. Added in 0.1.
+        """,
+    )
+
+    @property
+    def account(self) -> str:
+        """The Unix account of this server's user."""
+        name = f"{self.account_prefix}{self.user.name.lower()}"
+        if not _UNIX_NAME.match(name) or len(name) > 32:
+            digest = hashlib.sha256(self.user.name.encode()).hexdigest()[:12]
+            name = f"{self.account_prefix}{digest}"
+        return name
+
+    async def start(self) -> Any:
+        """Decide, create the account, then start the server as that account."""
+        await self.decide()
+        self.ensure_account()
+        return await maybe_future(super().start())
+
+    async def decide(self) -> None:
+        """Ask the policy engine; refuse with its reason when it denies."""
+        from ztlab.hub.policy import Principal
+
+        authenticator = self.authenticator
+        auth_state = await self.user.get_auth_state() or {}
+        roles = frozenset((auth_state.get("ztlab") or {}).get("roles") or [])
+        decision = authenticator.policy_engine.authorize(
+            Principal(name=self.user.name, roles=roles),
+            "spawn_server",
+            f"server:{self.user.name}",
+            {},
+        )
+        if not decision.allowed:
+            raise SpawnRefused(f"Your server may not start: {decision.reason}")
+
+    def ensure_account(self) -> None:
+        """Create the account on first use: no root, no sudo, no shell, private home."""
+        account = self.account
+        try:
+            entry = pwd.getpwnam(account)
+        except KeyError:
+            home = str(Path(self.home_root) / account)
+            subprocess.run(
+                [
+                    "useradd",
+                    "--create-home",
+                    "--home-dir",
+                    home,
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "--user-group",
+                    "--comment",
+                    f"zerotrust-lab user {self.user.name}",
+                    account,
+                ],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            entry = pwd.getpwnam(account)
+            self.authenticator.record(self.user.name, "account.created", account=account)
+        if entry.pw_uid == 0:
+            raise RuntimeError(f"refusing to run {self.user.name}'s server as root")
+        Path(entry.pw_dir).chmod(0o700)
+
+    def make_preexec_fn(self, name: str) -> Any:
+        return set_user_setuid(self.account)
+
+    def user_env(self, env: dict[str, str]) -> dict[str, str]:
+        entry = pwd.getpwnam(self.account)
+        env["USER"] = self.account
+        env["HOME"] = entry.pw_dir
+        env["SHELL"] = "/bin/sh"
+        return env

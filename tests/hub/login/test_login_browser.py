@@ -1,0 +1,114 @@
+"""A real browser (Debian's chromium driven by Playwright) signs in and reaches its server.
+
+It goes through the identity provider's login page and the hub's TOTP enrollment page, then
+opens JupyterLab on the user's own server (started as a dedicated Unix account). A
+screenshot of each stage is kept in ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import pwd
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyotp
+import pytest
+
+from tests.hub.login.conftest import LoginStack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+USER = "grace"
+
+
+@pytest.fixture
+def grace(login_stack: LoginStack) -> Iterator[str]:
+    """A provider user with a password only, so the hub asks for its own TOTP."""
+    users = login_stack.idp.users
+    users[USER] = {
+        "password": f"{USER}-password",
+        "email": f"{USER}@example.org",
+        "name": "Grace",
+        "groups": ["model-approvers"],
+        "amr": ["pwd"],
+        "acr": "urn:ztlab:pwd",
+        "disabled": False,
+    }
+    login_stack.idp.write_users(users)
+    yield USER
+    account = f"ztl-{USER}"
+    subprocess.run(["pkill", "-KILL", "-u", account], check=False)
+    try:
+        pwd.getpwnam(account)
+    except KeyError:
+        return
+    subprocess.run(["userdel", "--remove", account], check=False, capture_output=True)
+
+
+def test_browser_login_with_totp_reaches_the_users_server(
+    login_stack: LoginStack, grace: str
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "make test installs Debian's chromium"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"{login_stack.hub_url}/hub/login")
+            page.get_by_role("button", name="Sign in").or_(
+                page.get_by_role("link", name="Sign in")
+            ).first.click()
+            # the identity provider's own login page
+            page.wait_for_selector("input[name=login]")
+            page.fill("input[name=login]", grace)
+            page.fill("input[name=password]", f"{grace}-password")
+            page.screenshot(path=str(ARTIFACTS / "browser-1-idp-login.png"))
+            page.locator("button[type=submit], input[type=submit]").first.click()
+            # the hub's TOTP enrollment page: QR code shown once
+            page.wait_for_selector("#mfa-secret")
+            page.screenshot(path=str(ARTIFACTS / "browser-2-totp-enroll.png"), full_page=True)
+            secret = page.inner_text("#mfa-secret").strip()
+            page.fill("#mfa-code", pyotp.TOTP(secret).now())
+            page.click("#mfa-submit")
+            page.wait_for_url("**/hub/home**")
+            # start the user's own server and open JupyterLab in it
+            page.goto(f"{login_stack.hub_url}/hub/spawn")
+            page.wait_for_url(f"**/user/{grace}/lab**", timeout=120_000)
+            page.wait_for_selector(".jp-LabShell, #jp-main-dock-panel", timeout=120_000)
+            page.wait_for_selector(".jp-Launcher", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "browser-3-jupyterlab.png"))
+            assert f"/user/{grace}/lab" in page.url
+        finally:
+            browser.close()
+    # the server runs as the dedicated, unprivileged account
+    entry = pwd.getpwnam(f"ztl-{grace}")
+    assert entry.pw_uid != 0
+    processes = subprocess.run(
+        ["pgrep", "-u", entry.pw_name, "-f", "jupyterhub-singleuser"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert processes.stdout.strip(), "the user's server is not running as its own account"
+    success = login_stack.wait_record("login.success", actor=grace)
+    assert success.detail["mfa"] == "totp"
+    decision = login_stack.wait_record("policy.decision", actor=grace)
+    assert decision.detail["action"] == "spawn_server"
+    assert decision.detail["allowed"] is True
