@@ -142,6 +142,7 @@ client_id = "ztlab-hub"
 session_max_age_seconds = 8
 auth_refresh_age_seconds = 1
 totp_max_failures = 3
+allowed_networks = ["127.0.0.1/32"]
 {extra_login}
 
 [groups]

@@ -6,6 +6,7 @@ proven second factor must never hold a hub session cookie.
 
 from __future__ import annotations
 
+import http.client
 import re
 import time
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -249,3 +250,48 @@ def test_disabled_provider_account_is_noticed_at_refresh(login_stack: LoginStack
             login_stack.login(login_stack.session(), "alice")
     finally:
         login_stack.idp.set_user("alice", disabled=False)
+
+
+@pytest.mark.parametrize("spoofed", [None, "127.0.0.1"])
+def test_sign_in_from_outside_the_allowed_networks_is_refused(
+    login_stack: LoginStack, spoofed: str | None
+) -> None:
+    """The test hub allows 127.0.0.1/32 only; this client connects from 127.0.0.2 (and may
+    claim 127.0.0.1 in X-Forwarded-For, which the proxy's own entry overrides)."""
+    start = login_stack.audit_size()
+    parts = urlsplit(login_stack.hub_url)
+    connection = http.client.HTTPConnection(
+        parts.hostname, parts.port, timeout=10, source_address=("127.0.0.2", 0)
+    )
+    headers = {"X-Forwarded-For": spoofed} if spoofed else {}
+    connection.request("GET", "/hub/oauth_login", headers=headers)
+    response = connection.getresponse()
+    body = response.read().decode()
+    connection.close()
+    assert response.status == 403
+    assert "not allowed from your network address (127.0.0.2)" in body
+    record = login_stack.wait_record("login.refused", since=start)
+    assert record.detail == {"reason": "network", "client_ip": "127.0.0.2"}
+
+
+def test_group_changes_at_the_provider_take_effect_at_refresh(login_stack: LoginStack) -> None:
+    start = login_stack.audit_size()
+    session = login_stack.session()
+    assert login_stack.login(session, "alice").status_code == 200
+    try:
+        login_stack.idp.set_user("alice", groups=["model-approvers"])
+        time.sleep(1.5)  # past the test hub's auth_refresh_age of 1 s
+        user = session.get(f"{login_stack.hub_url}/hub/api/user", timeout=20).json()
+        assert "ztlab-role-approver" in user["groups"]
+        assert "ztlab-role-trainer" not in user["groups"]
+        changed = login_stack.wait_record("session.roles_changed", actor="alice", since=start)
+        assert changed.detail == {"old": ["trainer"], "new": ["approver"]}
+        # with no mapped group left, the session ends
+        login_stack.idp.set_user("alice", groups=[])
+        time.sleep(1.5)
+        home = session.get(f"{login_stack.hub_url}/hub/home", allow_redirects=False, timeout=20)
+        assert home.status_code == 302
+        refused = login_stack.wait_record("session.refresh_refused", actor="alice", since=start)
+        assert refused.detail["reason"] in ("no-role", "provider")
+    finally:
+        login_stack.idp.set_user("alice", groups=["ml-trainers"])
