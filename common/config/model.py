@@ -51,6 +51,7 @@ __all__ = [
     "GpuPool",
     "HubConfig",
     "InvalidConfigError",
+    "LoginConfig",
     "PolicyConfig",
     "Problem",
     "RoleConfig",
@@ -488,15 +489,17 @@ class HubConfig(_Model):
     api_url: HttpUrlText = Field(
         default="http://127.0.0.1:8081",
         description=(
-            "URL the hub's own API listens on, for the proxy and the user servers. "
+            "URL the hub's own REST API listens on (`http://` or `https://`), for the proxy "
+            "and the user servers. "
             'Default: `http://127.0.0.1:8081`. Example: `api_url = "http://10.0.0.5:8081"`.'
         ),
     )
     proxy_api_url: HttpUrlText = Field(
         default="http://127.0.0.1:8001",
         description=(
-            "URL of configurable-http-proxy's REST API (only the hub talks to it). "
-            'Default: `http://127.0.0.1:8001`. Example: `proxy_api_url = "http://127.0.0.1:9001"`.'
+            "URL the REST API of the hub's proxy (configurable-http-proxy) listens on; only "
+            "the hub talks to it. Default: `http://127.0.0.1:8001`. "
+            'Example: `proxy_api_url = "http://127.0.0.1:9001"`.'
         ),
     )
 
@@ -505,7 +508,16 @@ def _check_network(value: str) -> str:
     try:
         return str(ipaddress.ip_network(value, strict=False))
     except ValueError as exc:
-        raise _fail(f"{value!r} is not an IP network") from exc
+        raise _fail(
+            'expected an IP network such as "10.0.0.0/8" or "127.0.0.1/32", '
+            f"got {toml_literal(value)}"
+        ) from exc
+
+
+def _require_openid(scopes: list[str]) -> list[str]:
+    if "openid" not in scopes:
+        raise _fail(f'expected a list of scopes that includes "openid", got {toml_literal(scopes)}')
+    return scopes
 
 
 Network = Annotated[
@@ -521,8 +533,9 @@ class LoginConfig(_Model):
     issuer: HttpUrlText = Field(
         default="http://127.0.0.1:8009",
         description=(
-            "The OpenID provider's issuer URL; its discovery document must name exactly this "
-            "issuer. Default: `http://127.0.0.1:8009` (the development provider `make up` "
+            "Issuer URL of the OpenID Connect provider (`http://` or `https://`); its "
+            "discovery document must name exactly this issuer. Default: "
+            "`http://127.0.0.1:8009` (the development provider `make up` "
             'starts). Example: `issuer = "https://keycloak.example.org/realms/research"`.'
         ),
     )
@@ -530,7 +543,8 @@ class LoginConfig(_Model):
         default="ztlab-hub",
         min_length=1,
         description=(
-            "The hub's OAuth client id at the provider; ID tokens must name it in `aud`. "
+            "Client id of the hub at the provider (a non-empty string); ID tokens must name "
+            "it in `aud`. "
             'Default: `ztlab-hub`. Example: `client_id = "jupyterhub"`.'
         ),
     )
@@ -538,7 +552,7 @@ class LoginConfig(_Model):
         default="preferred_username",
         min_length=1,
         description=(
-            "ID-token / userinfo claim that holds the user name. "
+            "ID-token or userinfo claim that holds the user name (a non-empty string). "
             'Default: `preferred_username`. Example: `username_claim = "email"`.'
         ),
     )
@@ -546,14 +560,15 @@ class LoginConfig(_Model):
         default="groups",
         min_length=1,
         description=(
-            "Claim that lists the user's provider groups (mapped to roles by `[groups]`). "
+            "ID-token or userinfo claim that lists the user's provider groups, which "
+            "`[groups]` maps to roles (a non-empty string). "
             'Default: `groups`. Example: `groups_claim = "roles"`.'
         ),
     )
-    scopes: list[str] = Field(
+    scopes: Annotated[list[str], AfterValidator(_require_openid)] = Field(
         default_factory=lambda: ["openid", "profile", "email", "groups", "offline_access"],
         description=(
-            "Scopes asked for; must include `openid`. Default: "
+            "OAuth scopes the hub asks the provider for; include `openid`. Default: "
             '`["openid", "profile", "email", "groups", "offline_access"]`. '
             'Example: `scopes = ["openid", "email", "groups"]`.'
         ),
@@ -569,7 +584,7 @@ class LoginConfig(_Model):
     accepted_acr: list[str] = Field(
         default_factory=list,
         description=(
-            "`acr` values that prove a second factor. Default: none. "
+            "`acr` values that prove a second factor at the provider. Default: none. "
             'Example: `accepted_acr = ["urn:ztlab:mfa", "gold"]`.'
         ),
     )
@@ -577,7 +592,7 @@ class LoginConfig(_Model):
         default=8 * 3600,
         ge=1,
         description=(
-            "Longest a hub session lasts after login, in seconds. "
+            "Longest a hub session lasts after login, in seconds (an integer >= 1). "
             "Default: `28800` (8 hours). Example: `session_max_age_seconds = 3600`."
         ),
     )
@@ -585,32 +600,34 @@ class LoginConfig(_Model):
         default=3600,
         ge=1,
         description=(
-            "A session unused this long, in seconds, needs a new login. "
-            "Default: `3600`. Example: `session_idle_seconds = 900`."
+            "Seconds a session may go unused before it needs a new login (an integer >= 1). "
+            "Default: `3600` (1 hour). Example: `session_idle_seconds = 900`."
         ),
     )
     auth_refresh_age_seconds: int = Field(
         default=300,
         ge=1,
         description=(
-            "How often, in seconds, the hub re-checks a user with the provider (a disabled "
-            "account or a removed group takes effect then, and before every spawn). "
-            "Default: `300`. Example: `auth_refresh_age_seconds = 60`."
+            "How often, in seconds, the hub re-checks a user with the provider (an integer "
+            ">= 1); a disabled account or a removed group takes effect then, and before every "
+            "spawn. Default: `300` (5 minutes). Example: `auth_refresh_age_seconds = 60`."
         ),
     )
     token_max_age_seconds: int = Field(
         default=8 * 3600,
         ge=60,
         description=(
-            "Longest lifetime of an API token the hub issues, in seconds. "
-            "Default: `28800`. Example: `token_max_age_seconds = 3600`."
+            "Longest lifetime of an API token the hub issues, in seconds (an integer >= 60). "
+            "Default: `28800` (8 hours). Example: `token_max_age_seconds = 3600`."
         ),
     )
     allowed_networks: list[Network] = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1/128"],
         description=(
-            "Client addresses allowed to log in. Default: this machine only "
-            '(`["127.0.0.0/8", "::1/128"]`). Example: `allowed_networks = ["10.20.0.0/16"]`.'
+            "IP networks of the client addresses allowed to log in, IPv4 or IPv6, such as "
+            '"10.0.0.0/8" (a bare address is one host; host bits are ignored). Default: this '
+            'machine only (`["127.0.0.0/8", "::1/128"]`). '
+            'Example: `allowed_networks = ["10.20.0.0/16"]`.'
         ),
     )
     step_up_on_new_context: bool = Field(
@@ -626,16 +643,17 @@ class LoginConfig(_Model):
         ge=1,
         le=100,
         description=(
-            "Wrong TOTP codes in a row before the account is locked. Default: `5`. "
-            "Example: `totp_max_failures = 3`."
+            "Wrong TOTP codes in a row before the account is locked (an integer >= 1 and "
+            "<= 100). Default: `5`. Example: `totp_max_failures = 3`."
         ),
     )
     totp_lockout_seconds: int = Field(
         default=900,
         ge=1,
         description=(
-            "How long, in seconds, a locked account stays locked (an admin may unlock it "
-            "sooner). Default: `900`. Example: `totp_lockout_seconds = 3600`."
+            "How long, in seconds, a locked account stays locked (an integer >= 1); an admin "
+            "may unlock it sooner. Default: `900` (15 minutes). "
+            "Example: `totp_lockout_seconds = 3600`."
         ),
     )
     development_provider: bool = Field(
@@ -649,8 +667,8 @@ class LoginConfig(_Model):
     validate_provider_certificate: bool = Field(
         default=True,
         description=(
-            "Verify the provider's TLS certificate. Default: `true`; turn off only for a "
-            "test provider. Example: `validate_provider_certificate = false`."
+            "Verify the provider's TLS certificate. Default: `true` (turn off only for a "
+            "test provider). Example: `validate_provider_certificate = false`."
         ),
     )
 
@@ -896,7 +914,7 @@ class ZtlabConfig(_Model):
     )
     login: LoginConfig = Field(
         default_factory=LoginConfig,
-        description="OpenID Connect login with enforced MFA and short sessions.",
+        description="The OpenID Connect login, with enforced MFA and short sessions.",
     )
     roles: dict[RoleName, RoleConfig] = Field(
         default_factory=default_roles,

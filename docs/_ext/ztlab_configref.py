@@ -74,11 +74,12 @@ DEFAULT_MODEL = "ztlab.common.config:ZtlabConfig"
 #: placeholder for the user-chosen key of a ``dict[str, Model]`` entry
 NAME_PLACEHOLDER = "NAME"
 
+#: checked in this order with ``issubclass``: a subclass before its base (``bool`` is an ``int``)
 _SCALAR_NAMES: dict[type, str] = {
     str: "string",
+    bool: "boolean",
     int: "integer",
     float: "number",
-    bool: "boolean",
     bytes: "bytes",
     PurePath: "path",
     dt.datetime: "date-time",

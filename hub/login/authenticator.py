@@ -401,6 +401,7 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         refreshing = params.get("grant_type") == "refresh_token"
         nonce = None if refreshing else expected_nonce.get()
         if not refreshing and nonce is None:
+            self.record("", "login.refused", reason="nonce-missing")
             raise LoginRefused("nonce-missing", "This sign-in was not started by the hub.")
         try:
             claims = await verifier.verify(id_token, nonce=nonce)

@@ -38,7 +38,24 @@ class _Base:
     request: Any
 
     def client_context(self) -> tuple[str, str]:
-        ip = self.request.remote_ip or ""
+        """The client's address and browser.
+
+        Not ``request.remote_ip``: with JupyterHub's ``xheaders`` on, tornado takes it from
+        ``X-Real-Ip`` or the first hop a client may write itself. The address is the last
+        ``X-Forwarded-For`` entry, the one configurable-http-proxy appends for the peer it
+        saw, or the socket's peer when there is no proxy in between.
+        """
+        hops = [
+            hop.strip()
+            for header in self.request.headers.get_list("X-Forwarded-For")
+            for hop in header.split(",")
+            if hop.strip()
+        ]
+        if hops:
+            ip = hops[-1]
+        else:
+            address = getattr(self.request.connection.context, "address", None)
+            ip = str(address[0]) if isinstance(address, tuple) and address else ""
         agent = self.request.headers.get("User-Agent", "")[:512]
         return ip, agent
 
@@ -172,6 +189,7 @@ class StepUpHandler(_Base, BaseHandler):  # type: ignore[misc]
         pending_id = raw.decode() if raw else None
         pending = self.authenticator.pending(pending_id)
         if pending_id is None or pending is None:
+            self.authenticator.record("", "login.refused", reason="no-pending-login")
             raise LoginRefused(
                 "no-pending-login",
                 "Your sign-in has expired or was not started. Please sign in again.",

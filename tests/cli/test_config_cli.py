@@ -17,7 +17,7 @@ from ztlab.common.config import ZtlabConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "ztlab.example.toml"
-EXAMPLE_OK = "ztlab.example.toml: OK (5 roles, 1 GPU pool, 2 group mappings, 2 secrets referenced)"
+EXAMPLE_OK = "ztlab.example.toml: OK (5 roles, 1 GPU pool, 4 group mappings, 1 secret referenced)"
 SECRET = "s3cr3t-cookie-value"
 
 
@@ -34,6 +34,28 @@ def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     path.chmod(0o644)
     return path
+
+
+def example_with_secrets(directory: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The example as ``ztlab.toml``, with both secrets set and resolvable to ``SECRET``."""
+    secret_file = directory / "oidc-client-secret"
+    secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
+    monkeypatch.setenv("ZTLAB_COOKIE_SECRET", SECRET)
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for old, new in [
+        (
+            '# cookie_secret = { file = "/var/lib/ztlab/secrets/cookie-secret" }\n',
+            'cookie_secret = { env = "ZTLAB_COOKIE_SECRET" }\n',
+        ),
+        (
+            'oidc_client_secret = { file = "/var/lib/ztlab/secrets/oidc-client-secret" }',
+            f'oidc_client_secret = {{ file = "{secret_file}" }}',
+        ),
+    ]:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return write(directory / "ztlab.toml", text)
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -156,16 +178,25 @@ def test_check_resolve_secrets(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_show_toml_masks_secrets_and_round_trips(
     in_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ZTLAB_OIDC_CLIENT_SECRET", SECRET)
     shutil.copy(EXAMPLE, in_tmp / "ztlab.toml")
     code, out, err = run("config", "show", "ztlab.toml")
     assert (code, err) == (0, "")
-    assert SECRET not in out
     assert out.startswith("# Effective configuration from ztlab.toml: defaults filled in,\n")
-    assert 'oidc_client_secret = { env = "ZTLAB_OIDC_CLIENT_SECRET" }\n' in out
-    assert 'cookie_secret = { file = "/var/lib/ztlab/secrets/cookie-secret" }\n' in out
+    assert "# cookie_secret: not set\n" in out
+    assert 'oidc_client_secret = { file = "/var/lib/ztlab/secrets/oidc-client-secret" }\n' in out
     shown = write(in_tmp / "shown.toml", out)
     assert load_config(shown) == load_config(EXAMPLE).effective()
+
+    # With secrets that resolve, only their references are shown.
+    config = example_with_secrets(in_tmp, monkeypatch)
+    assert load_config(config).resolve_secrets()  # both secrets are readable
+    code, out, err = run("config", "show", "ztlab.toml")
+    assert (code, err) == (0, "")
+    assert SECRET not in out
+    assert 'cookie_secret = { env = "ZTLAB_COOKIE_SECRET" }\n' in out
+    assert f'oidc_client_secret = {{ file = "{in_tmp / "oidc-client-secret"}" }}\n' in out
+    shown = write(in_tmp / "shown.toml", out)
+    assert load_config(shown) == load_config(config).effective()
 
 
 def test_show_fills_in_computed_defaults(in_tmp: Path) -> None:
@@ -178,15 +209,28 @@ def test_show_fills_in_computed_defaults(in_tmp: Path) -> None:
 
 
 def test_show_json(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ZTLAB_OIDC_CLIENT_SECRET", SECRET)
     shutil.copy(EXAMPLE, in_tmp / "ztlab.toml")
+    code, out, _ = run("config", "show", "--format", "json", "ztlab.toml")
+    assert code == 0
+    data = json.loads(out)
+    assert data["secrets"] == {
+        "oidc_client_secret": {"file": "/var/lib/ztlab/secrets/oidc-client-secret"}
+    }
+    assert data["audit"]["signing_key"] == "/var/lib/ztlab/keys/audit-ed25519.key"
+    assert data["login"]["issuer"] == "http://127.0.0.1:8009"
+    assert ZtlabConfig.model_validate(data) == load_config(EXAMPLE).effective()
+
+    config = example_with_secrets(in_tmp, monkeypatch)
+    assert load_config(config).resolve_secrets()  # both secrets are readable
     code, out, _ = run("config", "show", "--format", "json", "ztlab.toml")
     assert code == 0
     assert SECRET not in out
     data = json.loads(out)
-    assert data["secrets"]["oidc_client_secret"] == {"env": "ZTLAB_OIDC_CLIENT_SECRET"}
-    assert data["audit"]["signing_key"] == "/var/lib/ztlab/keys/audit-ed25519.key"
-    assert ZtlabConfig.model_validate(data) == load_config(EXAMPLE).effective()
+    assert data["secrets"] == {
+        "cookie_secret": {"env": "ZTLAB_COOKIE_SECRET"},
+        "oidc_client_secret": {"file": str(in_tmp / "oidc-client-secret")},
+    }
+    assert ZtlabConfig.model_validate(data) == load_config(config).effective()
 
 
 def test_show_invalid_exits_2(in_tmp: Path) -> None:

@@ -36,6 +36,7 @@ from ztlab.common.config.model import (
     GpuConfig,
     GpuPool,
     HubConfig,
+    LoginConfig,
     PolicyConfig,
     RoleConfig,
     SecretsConfig,
@@ -80,6 +81,12 @@ def test_defaults_are_least_privilege_and_computed_from_state_dir() -> None:
     assert all(r.description for r in config.roles.values())
     assert config.state_dir == Path("/var/lib/ztlab")
     assert config.hub.bind_url == "http://127.0.0.1:8000"
+    assert config.hub.api_url == "http://127.0.0.1:8081"
+    assert config.hub.proxy_api_url == "http://127.0.0.1:8001"
+    assert config.login == LoginConfig()
+    assert config.login.allowed_networks == ["127.0.0.0/8", "::1/128"]
+    assert config.login.development_provider is False
+    assert config.login.validate_provider_certificate is True
     assert config.audit.log is None
     assert config.audit_log_path == Path("/var/lib/ztlab/audit/audit.jsonl")
     assert config.audit_signing_key_path == Path("/var/lib/ztlab/keys/audit-ed25519.key")
@@ -116,10 +123,20 @@ def test_example_file_loads() -> None:
     config = load_config(EXAMPLE)
     assert tuple(config.roles) == DEFAULT_ROLE_NAMES
     assert config.roles == ZtlabConfig().roles  # the example shows the built-in values
-    assert config.groups == {"ml-team": ["trainer", "viewer"], "lab-admins": ["admin"]}
+    assert config.groups == {
+        "ml-trainers": ["trainer"],
+        "model-approvers": ["approver"],
+        "data-stewards": ["data-steward"],
+        "ztlab-admins": ["admin"],
+    }
     assert list(config.gpu.pools) == ["research"]
     assert config.gpu.pools["research"].gpus == ["0"]
-    assert sorted(config.secret_refs()) == ["secrets.cookie_secret", "secrets.oidc_client_secret"]
+    assert sorted(config.secret_refs()) == ["secrets.oidc_client_secret"]
+    assert config.secrets.cookie_secret is None
+    assert config.login.issuer == "http://127.0.0.1:8009"
+    assert config.login.client_id == "ztlab-hub"
+    assert config.login.allowed_networks == ["127.0.0.0/8", "::1/128"]
+    assert config.login.development_provider is True
     assert config.audit_log_path == Path("/var/lib/ztlab/audit/audit.jsonl")
     assert config.state_dir == Path("/var/lib/ztlab")
 
@@ -190,7 +207,7 @@ def test_default_roles_are_a_new_dict_each_time() -> None:
 # Exact messages, one problem each
 # --------------------------------------------------------------------------------------
 
-TOP_KEYS = "audit, gpu, groups, hub, policy, roles, secrets, state_dir"
+TOP_KEYS = "audit, gpu, groups, hub, login, policy, roles, secrets, state_dir"
 
 ONE_PROBLEM: list[tuple[str, str, str]] = [
     (
@@ -319,6 +336,70 @@ ONE_PROBLEM: list[tuple[str, str, str]] = [
         '[hub]\nbind_url = "http://127.0.0.1:99999"\n',
         "ztlab.toml: hub.bind_url: expected an http:// or https:// URL such as "
         '"http://127.0.0.1:8000", got "http://127.0.0.1:99999"',
+    ),
+    (
+        "hub API URL not an http URL",
+        '[hub]\napi_url = "127.0.0.1:8081"\n',
+        "ztlab.toml: hub.api_url: expected an http:// or https:// URL such as "
+        '"http://127.0.0.1:8000", got "127.0.0.1:8081"',
+    ),
+    (
+        "integer for the proxy API URL",
+        "[hub]\nproxy_api_url = 8001\n",
+        "ztlab.toml: hub.proxy_api_url: expected an http:// or https:// URL, got 8001 (integer)",
+    ),
+    (
+        "login issuer not a URL",
+        '[login]\nissuer = "keycloak.example.org"\n',
+        "ztlab.toml: login.issuer: expected an http:// or https:// URL such as "
+        '"http://127.0.0.1:8000", got "keycloak.example.org"',
+    ),
+    (
+        "login issuer with a query",
+        '[login]\nissuer = "https://idp.example.org/realms/lab?x=1"\n',
+        "ztlab.toml: login.issuer: expected an http:// or https:// URL such as "
+        '"http://127.0.0.1:8000" (without a query or fragment), '
+        'got "https://idp.example.org/realms/lab?x=1"',
+    ),
+    (
+        "login session of zero seconds",
+        "[login]\nsession_max_age_seconds = 0\n",
+        "ztlab.toml: login.session_max_age_seconds: expected an integer >= 1, got 0",
+    ),
+    (
+        "login session length as a string",
+        '[login]\nsession_max_age_seconds = "8h"\n',
+        'ztlab.toml: login.session_max_age_seconds: expected an integer >= 1, got "8h" (string)',
+    ),
+    (
+        "login token lifetime under a minute",
+        "[login]\ntoken_max_age_seconds = 59\n",
+        "ztlab.toml: login.token_max_age_seconds: expected an integer >= 60, got 59",
+    ),
+    (
+        "login TOTP failures out of range",
+        "[login]\ntotp_max_failures = 101\n",
+        "ztlab.toml: login.totp_max_failures: expected an integer >= 1 and <= 100, got 101",
+    ),
+    (
+        "login network of the wrong type",
+        "[login]\nallowed_networks = [10]\n",
+        "ztlab.toml: login.allowed_networks[0]: expected an IP network such as "
+        '"10.0.0.0/8" or "127.0.0.1/32", got 10 (integer)',
+    ),
+    (
+        "login networks not an array",
+        '[login]\nallowed_networks = "10.0.0.0/8"\n',
+        'ztlab.toml: login.allowed_networks: expected an array, got "10.0.0.0/8" (string)',
+    ),
+    (
+        "unknown key in login",
+        "[login]\nmfa = true\n",
+        "ztlab.toml: login.mfa: unknown key; expected one of: accepted_acr, accepted_amr, "
+        "allowed_networks, auth_refresh_age_seconds, client_id, development_provider, "
+        "groups_claim, issuer, scopes, session_idle_seconds, session_max_age_seconds, "
+        "step_up_on_new_context, token_max_age_seconds, totp_lockout_seconds, "
+        "totp_max_failures, username_claim, validate_provider_certificate",
     ),
     (
         "string for a table",
@@ -534,7 +615,35 @@ def test_message_names_the_file_as_given(tmp_path: Path) -> None:
     path = write(tmp_path, "[hub]\nport = 1\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert info.value.message == f"{path}: hub.port: unknown key; expected one of: bind_url"
+    assert info.value.message == (
+        f"{path}: hub.port: unknown key; expected one of: api_url, bind_url, proxy_api_url"
+    )
+
+
+def test_login_networks_are_normalized(in_tmp: Path) -> None:
+    write(in_tmp, '[login]\nallowed_networks = ["10.1.2.3/8", "192.0.2.7", "2001:DB8::/32"]\n')
+    assert load_config("ztlab.toml").login.allowed_networks == [
+        "10.0.0.0/8",
+        "192.0.2.7/32",
+        "2001:db8::/32",
+    ]
+
+
+@pytest.mark.parametrize("network", ["10.0.0.0/33", "intranet"])
+def test_invalid_login_network_is_named_by_its_key_path(in_tmp: Path, network: str) -> None:
+    message = error_for(in_tmp, f'[login]\nallowed_networks = ["{network}", "::1/128"]\n')
+    assert message.startswith("ztlab.toml: login.allowed_networks[0]: ")
+    assert network in message
+    assert "\n" not in message  # one problem: the valid second entry is not reported
+
+
+@pytest.mark.parametrize("network", ["10.0.0.0/33", "intranet"])
+def test_invalid_login_network_says_what_was_expected(in_tmp: Path, network: str) -> None:
+    message = error_for(in_tmp, f'[login]\nallowed_networks = ["{network}"]\n')
+    assert message == (
+        "ztlab.toml: login.allowed_networks[0]: expected an IP network such as "
+        f'"10.0.0.0/8" or "127.0.0.1/32", got "{network}"'
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -777,9 +886,11 @@ def test_toml_output_round_trips(tmp_path: Path) -> None:
     effective = load_config(EXAMPLE).effective()
     text = dump_toml(effective, header="a header\nof two lines")
     assert text.startswith("# a header\n# of two lines\n\n")
-    assert 'cookie_secret = { file = "/var/lib/ztlab/secrets/cookie-secret" }' in text
-    assert 'oidc_client_secret = { env = "ZTLAB_OIDC_CLIENT_SECRET" }' in text
+    assert "\n# cookie_secret: not set\n" in text
+    assert 'oidc_client_secret = { file = "/var/lib/ztlab/secrets/oidc-client-secret" }' in text
     assert 'memory = "32G"' in text
+    assert "\n[login]\n" in text
+    assert 'allowed_networks = ["127.0.0.0/8", "::1/128"]' in text
     path = write(tmp_path, text, "shown.toml")
     assert load_config(path) == effective
 
@@ -802,9 +913,9 @@ def test_json_output(tmp_path: Path) -> None:
     data = json.loads(dump_json(effective))
     assert data["audit"]["log"] == "/var/lib/ztlab/audit/audit.jsonl"
     assert data["secrets"] == {
-        "cookie_secret": {"file": "/var/lib/ztlab/secrets/cookie-secret"},
-        "oidc_client_secret": {"env": "ZTLAB_OIDC_CLIENT_SECRET"},
+        "oidc_client_secret": {"file": "/var/lib/ztlab/secrets/oidc-client-secret"},
     }
+    assert data["login"]["development_provider"] is True
     assert data["roles"]["trainer"]["memory"] == "32G"
     assert parse_config(data) == effective
 
@@ -870,6 +981,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     HubConfig,
     AuditConfig,
     PolicyConfig,
+    LoginConfig,
     RoleConfig,
     GpuConfig,
     GpuPool,
@@ -900,3 +1012,10 @@ def test_json_schema() -> None:
 
 def test_mode_constants_are_what_the_messages_say() -> None:
     assert stat.S_IMODE(0o100600) == 0o600
+
+
+def test_login_scopes_must_include_openid(in_tmp: Path) -> None:
+    message = error_for(in_tmp, '[login]\nscopes = ["email", "groups"]\n')
+    assert message == (
+        'ztlab.toml: login.scopes: expected a list of scopes that includes "openid", got an array'
+    )

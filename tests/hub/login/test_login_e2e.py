@@ -252,19 +252,26 @@ def test_disabled_provider_account_is_noticed_at_refresh(login_stack: LoginStack
         login_stack.idp.set_user("alice", disabled=False)
 
 
-@pytest.mark.parametrize("spoofed", [None, "127.0.0.1"])
+@pytest.mark.parametrize(
+    "spoofed",
+    [
+        {},
+        {"X-Forwarded-For": "127.0.0.1"},
+        {"X-Real-Ip": "127.0.0.1"},
+        {"X-Real-Ip": "127.0.0.1", "X-Forwarded-For": "127.0.0.1, 127.0.0.1"},
+    ],
+)
 def test_sign_in_from_outside_the_allowed_networks_is_refused(
-    login_stack: LoginStack, spoofed: str | None
+    login_stack: LoginStack, spoofed: dict[str, str]
 ) -> None:
-    """The test hub allows 127.0.0.1/32 only; this client connects from 127.0.0.2 (and may
-    claim 127.0.0.1 in X-Forwarded-For, which the proxy's own entry overrides)."""
+    """The test hub allows 127.0.0.1/32 only; this client connects from 127.0.0.2 and may
+    claim 127.0.0.1 in X-Forwarded-For or X-Real-Ip: only the proxy's own entry counts."""
     start = login_stack.audit_size()
     parts = urlsplit(login_stack.hub_url)
     connection = http.client.HTTPConnection(
         parts.hostname, parts.port, timeout=10, source_address=("127.0.0.2", 0)
     )
-    headers = {"X-Forwarded-For": spoofed} if spoofed else {}
-    connection.request("GET", "/hub/oauth_login", headers=headers)
+    connection.request("GET", "/hub/oauth_login", headers=spoofed)
     response = connection.getresponse()
     body = response.read().decode()
     connection.close()
