@@ -1,4 +1,16 @@
 """Kernel-side code (untrusted zone): runs inside a user's kernel.
 
-It may ask the control plane for decisions and signatures, never make them.
+It may ask the control plane for decisions and signatures, never make them. Loaded as an
+IPython extension by the secure kernel (``%load_ext ztlab.extensions``).
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Preloaded by the ``ztlab-secure`` kernel: make the sandbox's lease visible."""
+    from ztlab.extensions.session import session_info
+
+    ipython.user_ns.setdefault("ztlab_session", session_info())
