@@ -43,7 +43,7 @@ def hub_command_line(config_path: Path) -> tuple[list[str], dict[str, str], Path
     return [str(jupyterhub), "-f", str(hub_config)], env, workdir
 
 
-@click.command("hub")
+@click.command("hub", short_help="Run the hub (JupyterHub, proxy, MFA login) here.")
 @CONFIG_OPTION
 @handle_errors
 def hub_command(config_path: Path) -> None:

@@ -20,7 +20,7 @@ from ztlab.common.config import load_config
 from ztlab.hub.k8s import K8sOptions, parse_egress_rule, parse_peer, write_files
 
 
-@click.group("k8s")
+@click.group("k8s", short_help="Render roles, quotas and pools for Kubernetes.")
 def k8s_group() -> None:
     """Render ztlab's roles, quotas and GPU pools for Kubernetes (Zero to JupyterHub)."""
 

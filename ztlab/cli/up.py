@@ -119,7 +119,7 @@ def _wait_for(url: str, process: ManagedProcess, what: str, timeout: float = 60)
     raise ProcessError(f"{what} did not answer {url} within {timeout:.0f} s:\n{process.log_tail()}")
 
 
-@click.command("up")
+@click.command("up", short_help="Start the control plane, dev IdP and hub.")
 @CONFIG_OPTION
 @handle_errors
 def up_command(config_path: Path) -> None:
@@ -157,7 +157,7 @@ def up_command(config_path: Path) -> None:
     click.echo("  stop with         ztlab down (or make down)")
 
 
-@click.command("down")
+@click.command("down", short_help="Stop what `ztlab up` started.")
 @CONFIG_OPTION
 @handle_errors
 def down_command(config_path: Path) -> None:
