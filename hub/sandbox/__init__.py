@@ -1,0 +1,1 @@
+"""The sandbox around each user's server: cgroups, namespaces, network."""
