@@ -17,7 +17,7 @@ PIP         := $(BIN)/python -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
 # Debian packages the project needs on a fresh machine (node and npm come with the machine).
-DEBIAN_PACKAGES := python3 python3-venv python3-dev
+DEBIAN_PACKAGES := python3 python3-venv python3-dev bubblewrap nftables util-linux iproute2
 # ...and those only the tests and benchmarks need.
 DEBIAN_TEST_PACKAGES := b3sum chromium
 
