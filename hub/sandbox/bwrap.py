@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -85,6 +86,9 @@ _SECRET_OPTIONS = frozenset({"--setenv"})
 
 #: A device node to expose: a host path bound at the same path, or ``(host, inside)``.
 DeviceBind: TypeAlias = Path | tuple[Path, Path]
+
+#: where the environment passed by descriptor lands inside the sandbox (private /run)
+ENV_FILE = "/run/ztlab-env"
 
 
 class SandboxError(ZtlabError):
@@ -252,6 +256,7 @@ def sandbox_argv(
     die_with_parent: bool = True,
     nsenter: str = "nsenter",
     setpriv: str = "setpriv",
+    env_fd: int | None = None,
 ) -> list[str]:
     """The command line that runs ``command`` as ``spec.uid`` inside the sandbox.
 
@@ -264,6 +269,12 @@ def sandbox_argv(
     ``/proc/PID/cmdline`` by users *on the host* (not from other sandboxes: each has its
     own PID namespace). Mount the host's ``/proc`` with ``hidepid=2`` or pass tokens in a
     file when host users are not trusted.
+
+    ``env_fd`` keeps secrets off every command line: the caller passes (with Popen's
+    ``pass_fds``) a descriptor to read the environment from, as ``NAME=VALUE`` shell
+    assignments (see :func:`env_file_content`); bubblewrap copies it into a 0600 file in the
+    sandbox's private ``/run``, and a shell there exports it, deletes it and execs
+    ``command``.
 
     Files are checked at call time: read-only and hidden paths missing on the host are
     skipped; devices must exist. Raises :class:`SandboxError` on a bad spec.
@@ -306,8 +317,23 @@ def sandbox_argv(
         argv.append("--die-with-parent")
     argv += ["--new-session", "--cap-drop", "ALL", "--hostname", spec.hostname]
     argv += _mounts(spec)
+    if env_fd is not None:
+        argv += ["--perms", "0600", "--file", str(env_fd), ENV_FILE]
     argv += ["--remount-ro", "/", "--chdir", str(_absolute(spec.home, "home")), "--clearenv"]
     for name, value in sorted(spec.env.items()):
         argv += ["--setenv", name, value]
+    if env_fd is not None:
+        script = f'set -a; . {ENV_FILE}; set +a; rm -f {ENV_FILE}; exec "$@"'
+        command = ["/bin/sh", "-c", script, "ztlab-sandbox", *command]
     argv += ["--", *command]
     return argv
+
+
+def env_file_content(env: Mapping[str, str]) -> bytes:
+    """The environment as shell assignments, for :func:`sandbox_argv`'s ``env_fd``."""
+    lines = []
+    for name, value in sorted(env.items()):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise SandboxError(f"invalid environment variable name {name!r}")
+        lines.append(f"{name}={shlex.quote(value)}\n")
+    return "".join(lines).encode()

@@ -381,3 +381,34 @@ def test_bad_devices_and_namespaces_are_refused(lab: Lab) -> None:
         sandbox_argv(lab.spec(), ["true"], netns="../../etc")
     with pytest.raises(SandboxError):
         sandbox_argv(lab.spec(), [])
+
+
+def test_environment_by_descriptor_stays_off_the_command_line(lab: Lab) -> None:
+    """Secrets passed with env_fd reach the sandboxed process but no command line."""
+    from ztlab.hub.sandbox.bwrap import env_file_content
+
+    secret = "token-s3cret-value"
+    spec = SandboxSpec(uid=lab.a.uid, gid=lab.a.gid, home=lab.a.home)
+    read_end, write_end = os.pipe()
+    os.write(write_end, env_file_content({"JUPYTERHUB_API_TOKEN": secret, "A": "b c"}))
+    os.close(write_end)
+    argv = sandbox_argv(
+        spec,
+        [
+            "/bin/sh",
+            "-c",
+            'echo "$JUPYTERHUB_API_TOKEN|$A"; echo --; ls -a /run; echo --; cat /proc/1/cmdline',
+        ],
+        env_fd=read_end,
+    )
+    assert all(secret not in arg for arg in argv)
+    try:
+        result = subprocess.run(
+            argv, pass_fds=(read_end,), capture_output=True, text=True, timeout=30, check=False
+        )
+    finally:
+        os.close(read_end)
+    value, listing, cmdline = result.stdout.split("--\n")
+    assert value == f"{secret}|b c\n", result.stderr
+    assert "ztlab-env" not in listing  # deleted once read
+    assert secret not in cmdline
