@@ -1,0 +1,1 @@
+"""Tests of the control plane's GPU inventory, NVML boundary and leases."""
