@@ -127,8 +127,25 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     if config.policy_directory is not None:
         auth.policy_directory = str(config.policy_directory)
 
-    # -- user servers: a dedicated unprivileged account each, after a policy decision -------
-    c.JupyterHub.spawner_class = DedicatedUserSpawner
+    # -- user servers: a dedicated unprivileged account each, after a policy decision; with
+    #    [sandbox] enabled also namespaces, a cgroup, a network namespace and GPU leases -----
+    if config.sandbox.enabled:
+        from ztlab.hub.sandbox.netns import NetworkSegments
+        from ztlab.hub.spawner.sandbox import SandboxSpawner
+
+        segments = NetworkSegments(
+            pool=config.sandbox.address_pool,
+            state_file=private_dir(config.state_dir / "sandbox") / "netns.json",
+        )
+        segments.setup()  # puts the service address on lo before the hub API binds to it
+        api = urlsplit(config.hub.api_url)
+        c.JupyterHub.hub_bind_url = f"{api.scheme}://{segments.service_ip}:{api.port or 8081}"
+        c.JupyterHub.spawner_class = SandboxSpawner
+        c.Spawner.poll_interval = 10  # a server past its GPU lease is stopped within ~10 s
+        if config_path is not None:
+            c.SandboxSpawner.ztlab_config = str(config_path.resolve())
+    else:
+        c.JupyterHub.spawner_class = DedicatedUserSpawner
     c.JupyterHub.default_url = "/hub/home"
     singleuser = Path(sys.executable).with_name("jupyterhub-singleuser")
     c.Spawner.cmd = [str(singleuser if singleuser.exists() else "jupyterhub-singleuser")]

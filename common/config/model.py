@@ -55,6 +55,7 @@ __all__ = [
     "PolicyConfig",
     "Problem",
     "RoleConfig",
+    "SandboxConfig",
     "SecretRef",
     "SecretsConfig",
     "ZtlabConfig",
@@ -673,6 +674,57 @@ class LoginConfig(_Model):
     )
 
 
+def _check_pool(value: str) -> str:
+    try:
+        network = ipaddress.IPv4Network(value, strict=True)
+    except ValueError as exc:
+        raise _fail(
+            f'expected an IPv4 network such as "10.213.0.0/16", got {toml_literal(value)}'
+        ) from exc
+    if network.prefixlen > 29:
+        raise _fail(f"expected a network of at least 8 addresses (/29), got {toml_literal(value)}")
+    return str(network)
+
+
+class SandboxConfig(_Model):
+    """``[sandbox]``: how each user's server is isolated on this machine."""
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Run each server in its own namespaces, cgroup and network namespace (needs root, "
+            "bubblewrap and nftables); `false` runs it as the user's own account only. "
+            "Default: `true`. Example: `enabled = false`."
+        ),
+    )
+    address_pool: Annotated[str, AfterValidator(_check_pool)] = Field(
+        default="10.213.0.0/16",
+        description=(
+            "IPv4 network the servers' network namespaces take their /30 from; the hub API "
+            "listens on its last usable address. Default: `10.213.0.0/16`. "
+            'Example: `address_pool = "10.99.0.0/20"`.'
+        ),
+    )
+    datasets: dict[
+        Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]*$")], AbsPath
+    ] = Field(
+        default_factory=dict,
+        description=(
+            "Datasets on this machine: name -> directory. A server gets `/datasets/NAME`, "
+            "read-only, for each dataset the policy lets its user `read_dataset`. Default: "
+            'none. Example: `mnist = "/srv/datasets/mnist"`.'
+        ),
+    )
+    pids_max: int = Field(
+        default=1024,
+        ge=16,
+        description=(
+            "Most processes and threads one user's server may run (a fork bomb stops here); an "
+            "integer >= 16. Default: `1024`. Example: `pids_max = 4096`."
+        ),
+    )
+
+
 class AuditConfig(_Model):
     """``[audit]``: the tamper-evident audit log."""
 
@@ -911,6 +963,10 @@ class ZtlabConfig(_Model):
     )
     policy: PolicyConfig = Field(
         default_factory=PolicyConfig, description="The Cedar access-control policies."
+    )
+    sandbox: SandboxConfig = Field(
+        default_factory=SandboxConfig,
+        description="Isolation of each user's server: namespaces, cgroups, network.",
     )
     login: LoginConfig = Field(
         default_factory=LoginConfig,

@@ -12,7 +12,7 @@ import requests
 from click.testing import CliRunner
 
 from tests.auditlog_helpers import verify
-from tests.hub.login.conftest import free_port
+from tests.hubstack import free_port
 from ztlab.cli.main import cli
 from ztlab.common.auditlog.record import parse_record
 from ztlab.hub.devidp.flow import idp_login

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyotp
 import pytest
 
-from tests.hub.login.conftest import LoginStack
+from tests.hubstack import LoginStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -90,10 +90,15 @@ def test_browser_login_with_totp_reaches_the_users_server(
             page.wait_for_url("**/hub/home**")
             # start the user's own server and open JupyterLab in it
             page.goto(f"{login_stack.hub_url}/hub/spawn")
+            # the spawn form asks how many GPUs (none here) and from which pool
+            page.wait_for_selector("#spawn_form")
+            page.fill("#gpus", "0")
+            page.screenshot(path=str(ARTIFACTS / "browser-3-spawn-form.png"))
+            page.locator("#spawn_form [type=submit]").click()
             page.wait_for_url(f"**/user/{grace}/lab**", timeout=120_000)
             page.wait_for_selector(".jp-LabShell, #jp-main-dock-panel", timeout=120_000)
             page.wait_for_selector(".jp-Launcher", timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "browser-3-jupyterlab.png"))
+            page.screenshot(path=str(ARTIFACTS / "browser-4-jupyterlab.png"))
             assert f"/user/{grace}/lab" in page.url
         finally:
             browser.close()

@@ -15,7 +15,7 @@ import pyotp
 import pytest
 import requests
 
-from tests.hub.login.conftest import LoginStack
+from tests.hubstack import LoginStack
 from ztlab.hub.devidp.flow import LoginRejectedError, idp_login
 
 pytestmark = pytest.mark.e2e

@@ -1,0 +1,240 @@
+"""A real hub stack for end-to-end tests: identity provider, a tampering proxy in front of
+it, and the hub (JupyterHub + configurable-http-proxy) started with ``ztlab hub``.
+
+The provider's issuer is the proxy's URL, so every request the hub and the browser make to
+the provider passes through it; it forwards them unchanged unless a test sets a forging
+mode. Nothing in the hub is patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import requests
+
+from tests.hub.login.tampering_proxy import TamperingProxy
+from ztlab.common.auditlog.record import parse_record
+from ztlab.hub.devidp.flow import idp_login
+from ztlab.hub.devidp.launcher import DevIdP, demo_users, generate_signing_jwk
+
+CLIENT_SECRET = "e2e-client-secret-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LoginStack:
+    """What a test needs to drive and inspect the running stack."""
+
+    hub_url: str
+    idp: DevIdP
+    proxy: TamperingProxy
+    audit_log: Path
+    state_dir: Path
+    hub_log: Path
+
+    def session(self, user_agent: str = "ztlab-e2e/1.0") -> requests.Session:
+        session = requests.Session()
+        session.headers["User-Agent"] = user_agent
+        return session
+
+    def login(
+        self, session: requests.Session, user: str, *, follow: bool = True
+    ) -> requests.Response:
+        return idp_login(
+            session,
+            f"{self.hub_url}/hub/oauth_login",
+            username=user,
+            password=f"{user}-password",
+            follow_redirects=follow,
+        )
+
+    def records(self, action: str | None = None, actor: str | None = None) -> list[Any]:
+        rows = []
+        if not self.audit_log.exists():
+            return rows
+        for line in self.audit_log.read_bytes().splitlines():
+            record = parse_record(line)
+            if (action is None or record.action == action) and (
+                actor is None or record.actor == actor
+            ):
+                rows.append(record)
+        return rows
+
+    def wait_record(
+        self, action: str, *, actor: str | None = None, since: int = 0, timeout: float = 10
+    ) -> Any:
+        """The first record of ``action`` after index ``since`` (records are queued)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [r for r in self.records(action, actor) if r.seq >= since]
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no audit record {action!r} (actor {actor!r}) after {since}")
+
+    def audit_size(self) -> int:
+        if not self.audit_log.exists():
+            return 0
+        return len(self.audit_log.read_bytes().splitlines())
+
+    def logged_in(self, session: requests.Session) -> bool:
+        response = session.get(f"{self.hub_url}/hub/home", allow_redirects=False, timeout=10)
+        return response.status_code == 200
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the hub exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the hub did not answer {url} in {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def write_config(
+    path: Path,
+    *,
+    state: Path,
+    hub: str,
+    api: str,
+    proxy_api: str,
+    issuer: str,
+    secret_file: Path,
+    extra: str = "",
+) -> None:
+    """A ztlab.toml for a test stack; ``extra`` is appended (whole TOML tables)."""
+    path.write_text(
+        f"""
+state_dir = "{state}"
+
+[hub]
+bind_url = "{hub}"
+api_url = "{api}"
+proxy_api_url = "{proxy_api}"
+
+[audit]
+checkpoint_interval_seconds = 0.5
+
+[login]
+issuer = "{issuer}"
+client_id = "ztlab-hub"
+session_max_age_seconds = 8
+auth_refresh_age_seconds = 1
+totp_max_failures = 3
+allowed_networks = ["127.0.0.1/32"]
+
+[groups]
+ml-trainers = ["trainer"]
+model-approvers = ["approver"]
+data-stewards = ["data-steward"]
+ztlab-admins = ["admin"]
+
+[secrets]
+oidc_client_secret = {{ file = "{secret_file}" }}
+
+{extra}
+"""
+    )
+
+
+@contextlib.contextmanager
+def running_stack(
+    root: Path, *, extra_config: str = "", extra_users: dict[str, dict[str, object]] | None = None
+) -> Iterator[LoginStack]:
+    """Start provider, tampering proxy and hub under ``root``; stop them all on exit."""
+    state = root / "state"
+    hub_port, api_port, proxy_api_port = free_port(), free_port(), free_port()
+    idp_port, tamper_port = free_port(), free_port()
+    hub_url = f"http://127.0.0.1:{hub_port}"
+    issuer = f"http://127.0.0.1:{tamper_port}"
+
+    jwk = generate_signing_jwk("RS256")
+    signing_key = jwt.algorithms.RSAAlgorithm.from_jwk(json.dumps(jwk))
+    idp = DevIdP(
+        users={**demo_users(), **(extra_users or {})},
+        clients=[
+            {
+                "client_id": "ztlab-hub",
+                "client_secret": CLIENT_SECRET,
+                "redirect_uris": [f"{hub_url}/hub/oauth_callback"],
+            }
+        ],
+        state_dir=root / "idp",
+        port=idp_port,
+        issuer=issuer,
+        jwks={"keys": [jwk]},
+        refresh_token_ttl=3600,
+    )
+    proxy = TamperingProxy(
+        upstream=f"http://127.0.0.1:{idp_port}",
+        port=tamper_port,
+        signing_key=signing_key,
+        kid=str(jwk["kid"]),
+    )
+    proxy.start()
+    idp.start()
+
+    secret_file = root / "client-secret"
+    secret_file.write_text(CLIENT_SECRET)
+    secret_file.chmod(0o600)
+    config = root / "ztlab.toml"
+    write_config(
+        config,
+        state=state,
+        hub=hub_url,
+        api=f"http://127.0.0.1:{api_port}",
+        proxy_api=f"http://127.0.0.1:{proxy_api_port}",
+        issuer=issuer,
+        secret_file=secret_file,
+        extra=extra_config,
+    )
+    hub_log = root / "hub.log"
+    ztlab = Path(sys.executable).with_name("ztlab")
+    with hub_log.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(ztlab), "hub", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_http(f"{hub_url}/hub/health", proc, hub_log, timeout=60)
+        yield LoginStack(
+            hub_url=hub_url,
+            idp=idp,
+            proxy=proxy,
+            audit_log=state / "audit" / "audit.jsonl",
+            state_dir=state,
+            hub_log=hub_log,
+        )
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        idp.stop()
+        proxy.stop()
