@@ -86,6 +86,10 @@ class KernelSession:
                 if raw is None:
                     raise ConnectionError("the kernel's websocket closed")
                 msg = json.loads(raw)
+                state = msg.get("content", {}).get("execution_state")
+                if msg.get("msg_type") == "status" and state in ("restarting", "dead"):
+                    status = state  # the kernel died under us (e.g. killed for memory)
+                    break
                 if msg.get("parent_header", {}).get("msg_id") != msg_id:
                     continue
                 kind, content = msg["msg_type"], msg["content"]
