@@ -21,7 +21,7 @@ DEBIAN_PACKAGES := python3 python3-venv python3-dev bubblewrap nftables util-lin
 # ...and those only the tests and benchmarks need.
 DEBIAN_TEST_PACKAGES := b3sum chromium
 
-.PHONY: help up down test lint docs bench system-deps system-test-deps venv venv-dev npm clean
+.PHONY: help up down test lint docs bench gpu-check gpu-check-bundle system-deps system-test-deps venv venv-dev npm clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -92,6 +92,17 @@ up: venv npm ## install everything and start the environment on 127.0.0.1
 
 down: ## stop what `make up` started
 	$(BIN)/ztlab down --config $(CONFIG)
+
+gpu-check: venv-dev ## the GPU checks (lease, device fence, NVML) on a machine with a GPU
+	$(BIN)/python -m pytest -q -s -rs -m gpu tests/gpu
+
+gpu-check-bundle: ## wheels and .deb for tests/gpu/run-on-device.sh on an offline GPU machine
+	rm -rf .whl .deb && mkdir -p .whl .deb
+	for p in pydantic pydantic-core annotated-types typing-inspection cedarpy cryptography cffi pycparser; do \
+	  $(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl "$$p==$$($(PIP) show $$p | awk '/^Version/{print $$2}')"; done
+	cd .deb && apt-get download bubblewrap
 
 clean: ## remove build outputs (not the venv, not the state)
 	rm -rf docs/_build build *.egg-info .mypy_cache .ruff_cache .pytest_cache
