@@ -122,7 +122,30 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     auth.totp_key = str(private_dir(config.state_dir / "keys") / "totp.key")
     auth.totp_max_failures = login.totp_max_failures
     auth.totp_lockout_seconds = login.totp_lockout_seconds
-    c.JupyterHub.load_roles = rbac_roles(sorted(config.roles))
+    roles = rbac_roles(sorted(config.roles))
+    if config.hub.cull_idle_seconds:
+        # idle servers are stopped (and their GPU leases end) by jupyterhub-idle-culler
+        c.JupyterHub.services = [
+            {
+                "name": "idle-culler",
+                "command": [
+                    sys.executable,
+                    "-m",
+                    "jupyterhub_idle_culler",
+                    f"--timeout={config.hub.cull_idle_seconds}",
+                    f"--cull-every={max(30, config.hub.cull_idle_seconds // 10)}",
+                ],
+            }
+        ]
+        roles.append(
+            {
+                "name": "idle-culler",
+                "description": "Stop idle servers",
+                "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+                "services": ["idle-culler"],
+            }
+        )
+    c.JupyterHub.load_roles = roles
 
     if config.policy_directory is not None:
         auth.policy_directory = str(config.policy_directory)

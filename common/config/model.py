@@ -487,6 +487,15 @@ class HubConfig(_Model):
             '(this machine only). Example: `bind_url = "https://0.0.0.0:443/lab"`.'
         ),
     )
+    cull_idle_seconds: int = Field(
+        default=3600,
+        ge=0,
+        description=(
+            "Stop servers idle this long, in seconds, with jupyterhub-idle-culler (their GPU "
+            "leases end with them); `0` turns culling off. Default: `3600`. "
+            "Example: `cull_idle_seconds = 7200`."
+        ),
+    )
     api_url: HttpUrlText = Field(
         default="http://127.0.0.1:8081",
         description=(

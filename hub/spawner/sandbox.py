@@ -117,7 +117,23 @@ class SandboxSpawner(DedicatedUserSpawner):
         """``gpus`` (a count) and ``pool`` from the spawn form."""
         gpus = (formdata.get("gpus") or ["0"])[0]
         pool = (formdata.get("pool") or [""])[0]
-        return {"gpus": gpus, "pool": pool}
+        options: dict[str, Any] = {"gpus": gpus, "pool": pool}
+        hours = (formdata.get("hours") or [""])[0]
+        if hours:
+            options["hours"] = hours
+        return options
+
+    def _requested_hours(self) -> float | None:
+        raw = (self.user_options or {}).get("hours")
+        if raw in (None, ""):
+            return None
+        try:
+            hours = float(raw)
+        except (TypeError, ValueError) as exc:
+            raise SpawnRefused(f"hours must be a number, got {raw!r}") from exc
+        if not hours > 0:
+            raise SpawnRefused(f"hours must be more than 0, got {hours}")
+        return hours
 
     def _requested_gpus(self) -> tuple[int, str | None]:
         options = self.user_options or {}
@@ -165,7 +181,12 @@ class SandboxSpawner(DedicatedUserSpawner):
             raise SpawnRefused("this hub has no GPU pools")
         try:
             return broker.grant(
-                user=self.user.name, roles=roles, server=self.name or "", pool=pool, count=count
+                user=self.user.name,
+                roles=roles,
+                server=self.name or "",
+                pool=pool,
+                count=count,
+                hours=self._requested_hours(),
             )
         except LeaseError as exc:
             raise SpawnRefused(exc.message) from exc

@@ -27,6 +27,7 @@ import requests
 
 from tests.hub.spawner.kernel_client import KernelSession
 from tests.hubstack import LoginStack, running_stack
+from ztlab.hub.sandbox.cgroups import CgroupManager
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -445,3 +446,26 @@ def _active_leases(stack: LoginStack, user: str) -> int:
             "SELECT COUNT(*) FROM leases WHERE username = ? AND released_at IS NULL", (user,)
         ).fetchone()
     return int(row[0])
+
+
+def test_a_server_past_its_lease_is_stopped(servers: dict[str, Server], stack: LoginStack) -> None:
+    """kim leases the GPU judy gave back, for 0.003 hours (about 11 s)."""
+    token = _token(stack, "kim")
+    response = _spawn(stack, "kim", token, {"gpus": 1, "pool": "research", "hours": 0.003})
+    assert response.status_code in (201, 202), response.text
+    _wait_ready(stack, "kim", token)
+    assert _active_leases(stack, "kim") == 1
+    deadline = time.monotonic() + 60  # lease 11 s, and the hub polls every 10 s
+    stopped = False
+    while time.monotonic() < deadline and not stopped:
+        model = requests.get(
+            f"{stack.hub_url}/hub/api/users/kim",
+            headers={"Authorization": f"token {token}"},
+            timeout=30,
+        ).json()
+        stopped = not model.get("servers")
+        time.sleep(1)
+    assert stopped, "the server outlived its lease"
+    assert _active_leases(stack, "kim") == 0
+    assert stack.wait_record("server.lease_expired", actor="kim")
+    assert not CgroupManager.detect(parent="ztlab").get("ztl-kim").procs()
