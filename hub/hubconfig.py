@@ -158,6 +158,7 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
 
         segments = NetworkSegments(
             pool=config.sandbox.address_pool,
+            table=config.sandbox.firewall_table,
             state_file=private_dir(config.state_dir / "sandbox") / "netns.json",
         )
         segments.setup()  # puts the service address on lo before the hub API binds to it

@@ -161,9 +161,19 @@ oidc_client_secret = {{ file = "{secret_file}" }}
 
 @contextlib.contextmanager
 def running_stack(
-    root: Path, *, extra_config: str = "", extra_users: dict[str, dict[str, object]] | None = None
+    root: Path,
+    *,
+    extra_config: str = "",
+    extra_users: dict[str, dict[str, object]] | None = None,
+    pool: str = "10.217.0.0/16",
+    table: str = "ztlab_test_login",
 ) -> Iterator[LoginStack]:
-    """Start provider, tampering proxy and hub under ``root``; stop them all on exit."""
+    """Start provider, tampering proxy and hub under ``root``; stop them all on exit.
+
+    The servers' network (``[sandbox]`` pool and nftables table) is the stack's own and is
+    removed afterwards. ``extra_config`` is appended right after the ``[sandbox]`` table the
+    stack writes, so it may begin with more ``[sandbox]`` keys.
+    """
     state = root / "state"
     hub_port, api_port, proxy_api_port = free_port(), free_port(), free_port()
     idp_port, tamper_port = free_port(), free_port()
@@ -208,7 +218,7 @@ def running_stack(
         proxy_api=f"http://127.0.0.1:{proxy_api_port}",
         issuer=issuer,
         secret_file=secret_file,
-        extra=extra_config,
+        extra=f'[sandbox]\naddress_pool = "{pool}"\nfirewall_table = "{table}"\n{extra_config}',
     )
     hub_log = root / "hub.log"
     ztlab = Path(sys.executable).with_name("ztlab")
@@ -238,3 +248,8 @@ def running_stack(
                 os.killpg(proc.pid, signal.SIGKILL)
         idp.stop()
         proxy.stop()
+        from ztlab.hub.sandbox.netns import NetworkSegments
+
+        state_file = state / "sandbox" / "netns.json"
+        if state_file.exists():
+            NetworkSegments(pool=pool, table=table, state_file=state_file).teardown()

@@ -724,6 +724,15 @@ class SandboxConfig(_Model):
             'none. Example: `mnist = "/srv/datasets/mnist"`.'
         ),
     )
+    firewall_table: Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")] = (
+        Field(
+            default="ztlab",
+            description=(
+                "nftables table (family inet) that holds the servers' network rules. "
+                'Default: `ztlab`. Example: `firewall_table = "ztlab_lab2"`.'
+            ),
+        )
+    )
     pids_max: int = Field(
         default=1024,
         ge=16,

@@ -47,6 +47,7 @@ class _ControlPlane:
         self.cgroups = CgroupManager.detect(parent="ztlab")
         self.segments = NetworkSegments(
             pool=config.sandbox.address_pool,
+            table=config.sandbox.firewall_table,
             state_file=config.state_dir / "sandbox" / "netns.json",
         )
         self.segments.setup()

@@ -31,6 +31,9 @@ proxy_api_url = "http://127.0.0.1:{free_port()}"
 [login]
 issuer = "http://127.0.0.1:{free_port()}"
 development_provider = true
+[sandbox]
+address_pool = "10.218.0.0/16"
+firewall_table = "ztlab_test_up"
 [groups]
 ml-trainers = ["trainer"]
 [secrets]
@@ -84,6 +87,7 @@ def test_up_starts_the_idp_and_the_hub_and_down_stops_them(tmp_path: Path) -> No
     assert down.returncode == 0, down.stderr
     assert "hub: stopped" in down.stdout
     assert "devidp: stopped" in down.stdout
+    assert "sandbox network: removed" in down.stdout
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{hub}/hub/health", timeout=5)
     report = verify(tmp_path / "state" / "audit" / "audit.jsonl")

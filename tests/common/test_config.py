@@ -39,6 +39,7 @@ from ztlab.common.config.model import (
     LoginConfig,
     PolicyConfig,
     RoleConfig,
+    SandboxConfig,
     SecretsConfig,
 )
 from ztlab.common.errors import ConfigError, SecretError
@@ -207,7 +208,7 @@ def test_default_roles_are_a_new_dict_each_time() -> None:
 # Exact messages, one problem each
 # --------------------------------------------------------------------------------------
 
-TOP_KEYS = "audit, gpu, groups, hub, login, policy, roles, secrets, state_dir"
+TOP_KEYS = "audit, gpu, groups, hub, login, policy, roles, sandbox, secrets, state_dir"
 
 ONE_PROBLEM: list[tuple[str, str, str]] = [
     (
@@ -616,7 +617,8 @@ def test_message_names_the_file_as_given(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.message == (
-        f"{path}: hub.port: unknown key; expected one of: api_url, bind_url, proxy_api_url"
+        f"{path}: hub.port: unknown key; expected one of: "
+        "api_url, bind_url, cull_idle_seconds, proxy_api_url"
     )
 
 
@@ -982,6 +984,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     AuditConfig,
     PolicyConfig,
     LoginConfig,
+    SandboxConfig,
     RoleConfig,
     GpuConfig,
     GpuPool,
@@ -1019,3 +1022,13 @@ def test_login_scopes_must_include_openid(in_tmp: Path) -> None:
     assert message == (
         'ztlab.toml: login.scopes: expected a list of scopes that includes "openid", got an array'
     )
+
+
+def test_sandbox_settings_are_checked(in_tmp: Path) -> None:
+    message = error_for(in_tmp, '[sandbox]\naddress_pool = "10.0.0.0/30"\npids_max = 4\n')
+    assert message.splitlines() == [
+        "ztlab.toml: 2 problems",
+        "  sandbox.address_pool: expected a network of at least 8 addresses (/29), "
+        'got "10.0.0.0/30"',
+        "  sandbox.pids_max: expected an integer >= 16, got 4",
+    ]

@@ -1,6 +1,6 @@
 """Per-user network namespaces, for real: veth pairs, addresses and the nftables fence.
 
-Every address used is inside the test's own pool (10.213.240.0/24) except 10.99.0.1, which
+Every address used is inside the test's own pool (10.216.240.0/24) except 10.99.0.1, which
 has no host and is only used to show that a sandbox cannot route anywhere. The namespaces,
 interfaces, table and service address are removed at the end, also when a test fails.
 """
@@ -33,7 +33,7 @@ pytestmark = [
     ),
 ]
 
-POOL = "10.213.240.0/24"
+POOL = "10.216.240.0/24"
 #: timeout of every probing connection; a blocked one must fail well within 2 s
 CONNECT_TIMEOUT = 1.0
 
@@ -209,7 +209,7 @@ def test_sandbox_reaches_a_host_service_only_once_allowed(net: Net) -> None:
 
 def test_the_service_address_serves_every_allowed_sandbox(net: Net) -> None:
     service = net.segments.service_ip
-    assert service == "10.213.240.254"
+    assert service == "10.216.240.254"
     listen_on_host(net, service, 18110)
     assert reachable(None, service, 18110)  # the host itself (the hub, over lo)
     assert not reachable(net.a, service, 18110)
@@ -272,7 +272,7 @@ def test_teardown_removes_everything() -> None:
     tag = f"{os.getpid() % 100000}"
     with tempfile.TemporaryDirectory(prefix="ztl-netns-") as tmp:
         state = Path(tmp) / "state.json"
-        segments = NetworkSegments(pool="10.213.241.0/28", table=f"ztlab_td{tag}", state_file=state)
+        segments = NetworkSegments(pool="10.216.241.0/28", table=f"ztlab_td{tag}", state_file=state)
         try:
             segments.setup()
             segments.setup()  # idempotent

@@ -81,10 +81,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoginStack]:
             os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(195, minor))
             node.chmod(0o666)  # as the NVIDIA driver makes them: the fence is the cgroup
             made.append(node)
-    extra = f"""
-[sandbox]
-address_pool = "10.214.0.0/16"
-pids_max = 200
+    extra = f"""pids_max = 200
 [sandbox.datasets]
 mnist = "{dataset}"
 
@@ -97,7 +94,11 @@ gpus = ["0", "1"]
 roles = ["trainer"]
 """
     with running_stack(
-        root, extra_config=extra, extra_users={u: _user(u) for u in USERS}
+        root,
+        extra_config=extra,
+        extra_users={u: _user(u) for u in USERS},
+        pool="10.214.0.0/16",
+        table="ztlab_test_iso",
     ) as running:
         yield running
     shutil.rmtree(shared, ignore_errors=True)
