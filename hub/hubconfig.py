@@ -19,6 +19,8 @@ from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ConfigError
 from ztlab.hub.login.authenticator import MFAOAuthenticator, rbac_roles
 from ztlab.hub.spawner.dedicated import DedicatedUserSpawner
+from ztlab.kernels.kernelspec import KERNEL_NAME
+from ztlab.kernels.kernelspec import install as install_kernelspec
 
 
 def hub_dir(config: ZtlabConfig) -> Path:
@@ -174,6 +176,9 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     singleuser = Path(sys.executable).with_name("jupyterhub-singleuser")
     c.Spawner.cmd = [str(singleuser if singleuser.exists() else "jupyterhub-singleuser")]
     c.Spawner.default_url = "/lab"
+    # the secure kernel (ztlab extension preloaded) is every server's default kernel
+    install_kernelspec(Path(sys.prefix))
+    c.Spawner.args = [f"--MappingKernelManager.default_kernel_name={KERNEL_NAME}"]
     c.Spawner.http_timeout = 60
 
 

@@ -251,5 +251,4 @@ def running_stack(
         from ztlab.hub.sandbox.netns import NetworkSegments
 
         state_file = state / "sandbox" / "netns.json"
-        if state_file.exists():
-            NetworkSegments(pool=pool, table=table, state_file=state_file).teardown()
+        NetworkSegments(pool=pool, table=table, state_file=state_file).teardown()

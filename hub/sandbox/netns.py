@@ -260,7 +260,11 @@ class NetworkSegments:
         what earlier :meth:`allow` calls put in them) are kept.
         """
         t = f"inet {self._table}"
+        # every rule is scoped to this pool, so that networks of other pools (another
+        # table on the same machine) are neither let through nor blocked by this one
         veth = f'"{IF_PREFIX}*"'
+        src = f"iifname {veth} ip saddr {self._pool}"
+        dst = f"oifname {veth} ip daddr {self._pool}"
         reject = [
             "meta l4proto tcp reject with tcp reset",
             "reject with icmpx type admin-prohibited",
@@ -280,29 +284,29 @@ class NetworkSegments:
             ]
         # (1) sandbox -> anything that is not an address of this host
         lines += [
-            f"add rule {t} prerouting iifname {veth} fib daddr type != local {r}" for r in reject
+            f"add rule {t} prerouting {src} fib daddr type != local {r}" for r in reject
         ]
         # (2) sandbox -> this host: replies, then allowed (namespace, dest, proto, port)
         lines += [
-            f"add rule {t} input iifname {veth} ct state established,related accept",
-            f"add rule {t} input iifname {veth} "
+            f"add rule {t} input {src} ct state established,related accept",
+            f"add rule {t} input {src} "
             "iifname . ip saddr . ip daddr . meta l4proto . th dport @egress_allow accept",
         ]
-        lines += [f"add rule {t} input iifname {veth} {r}" for r in reject]
+        lines += [f"add rule {t} input {src} {r}" for r in reject]
         # (3) the pool's host-side addresses only from lo and the veths
         lines.append(f'add rule {t} input ip daddr {self._pool} iifname != "lo" drop')
         # (4) nothing is routed to or from a sandbox
         lines += [
-            f"add rule {t} forward iifname {veth} drop",
-            f"add rule {t} forward oifname {veth} drop",
+            f"add rule {t} forward {src} drop",
+            f"add rule {t} forward {dst} drop",
         ]
         # (5) host -> sandbox: replies, then allowed (namespace, sandbox ip, proto, port)
         lines += [
-            f"add rule {t} output oifname {veth} ct state established,related accept",
-            f"add rule {t} output oifname {veth} "
+            f"add rule {t} output {dst} ct state established,related accept",
+            f"add rule {t} output {dst} "
             "oifname . ip daddr . meta l4proto . th dport @ingress_allow accept",
         ]
-        lines += [f"add rule {t} output oifname {veth} {r}" for r in reject]
+        lines += [f"add rule {t} output {dst} {r}" for r in reject]
         _run(["nft", "-f", "-"], input_text="\n".join(lines) + "\n")
         _run(["ip", "addr", "replace", f"{self.service_ip}/32", "dev", "lo"])
 

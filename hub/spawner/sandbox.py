@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from traitlets import Integer, Unicode
+from traitlets import Float, Integer, Unicode
 
 from ztlab.common.config import ZtlabConfig, load_config
+from ztlab.common.errors import ZtlabError
 from ztlab.hub.spawner.dedicated import DedicatedUserSpawner, SpawnRefused
 
 
@@ -86,6 +87,9 @@ class SandboxSpawner(DedicatedUserSpawner):
         Example: ``c.SandboxSpawner.server_port = 8888``. Added in 0.1.
         """,
     )
+
+    started_at = Float(0.0, help="When the running server started (seconds since the epoch).")
+    max_hours = Float(0.0, help="How long the running server may run, from its roles.")
 
     _planes: ClassVar[dict[str, _ControlPlane]] = {}
 
@@ -161,10 +165,22 @@ class SandboxSpawner(DedicatedUserSpawner):
         roles = await self._roles()
         lease = self.lease(roles)
         try:
-            return self.sandbox_and_start(roles, lease)
+            address = self.sandbox_and_start(roles, lease)
+        except ZtlabError as exc:
+            self._release(reason="start failed")
+            raise SpawnRefused(f"Your server could not start: {exc.message}") from exc
         except BaseException:
             self._release(reason="start failed")
             raise
+        self.started_at = time.time()
+        self.max_hours = self.lifetime_hours(roles)
+        return address
+
+    def lifetime_hours(self, roles: frozenset[str]) -> float:
+        """The longest a server may run: the most generous ``max_server_hours`` of its roles."""
+        config = self.plane.config
+        quotas = [config.roles[r] for r in roles if r in config.roles] or [config.roles["viewer"]]
+        return max(q.max_server_hours for q in quotas)
 
     async def _roles(self) -> frozenset[str]:
         auth_state = await self.user.get_auth_state() or {}
@@ -260,7 +276,8 @@ class SandboxSpawner(DedicatedUserSpawner):
             datasets=self.granted_datasets(roles),
             devices=device_binds,
             readonly_paths=(*DEFAULT_READONLY_PATHS, _code_root()),
-            hidden=[config.state_dir, Path("/etc/ztlab")],
+            # other users' cgroups (names, pids, usage) are not the sandbox's business
+            hidden=[config.state_dir, Path("/etc/ztlab"), Path("/sys/fs/cgroup")],
         )
         read_end, write_end = os.pipe()
         try:
@@ -295,10 +312,14 @@ class SandboxSpawner(DedicatedUserSpawner):
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def poll(self) -> int | None:
-        """Alive, or ended: a server past its lease is stopped here."""
+        """Alive, or ended: a server past its lease or its role's lifetime is stopped here."""
         status = await super().poll()
         if status is not None:
             return int(status)
+        if self.started_at and time.time() - self.started_at > self.max_hours * 3600:
+            self.authenticator.record(self.user.name, "server.lifetime_ended", hours=self.max_hours)
+            await self.stop(now=True)
+            return 0
         broker = self.plane.leases
         if broker is not None:
             for lease in broker.active(user=self.user.name):
@@ -328,8 +349,22 @@ class SandboxSpawner(DedicatedUserSpawner):
             broker.release_server(user=self.user.name, server=self.name or "", reason=reason)
 
     def get_state(self) -> dict[str, Any]:
+        """Saved in the hub database: the pid, and when the server started and may run to."""
         state: dict[str, Any] = super().get_state()
+        if self.started_at:
+            state["started_at"] = self.started_at
+            state["max_hours"] = self.max_hours
         return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self.started_at = float(state.get("started_at", 0.0))
+        self.max_hours = float(state.get("max_hours", 0.0))
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.started_at = 0.0
+        self.max_hours = 0.0
 
 
 def _port(url: str) -> int:

@@ -169,14 +169,12 @@ def down_command(config_path: Path) -> None:
     if config.sandbox.enabled:
         from ztlab.hub.sandbox.netns import NetworkSegments
 
-        state_file = config.state_dir / "sandbox" / "netns.json"
-        if state_file.exists():
-            NetworkSegments(
-                pool=config.sandbox.address_pool,
-                table=config.sandbox.firewall_table,
-                state_file=state_file,
-            ).teardown()
-            click.echo("sandbox network: removed")
+        NetworkSegments(
+            pool=config.sandbox.address_pool,
+            table=config.sandbox.firewall_table,
+            state_file=config.state_dir / "sandbox" / "netns.json",
+        ).teardown()
+        click.echo("sandbox network: removed")
 
 
 def _strings(value: object) -> list[str]:

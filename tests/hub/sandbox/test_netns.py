@@ -187,6 +187,20 @@ def test_host_reaches_a_server_only_on_an_allowed_port(net: Net) -> None:
     assert not reachable(None, net.a.sandbox_ip, 18081)
 
 
+def test_a_second_network_with_its_own_pool_does_not_interfere(net: Net, tmp_path: Path) -> None:
+    """Two hubs on one machine (two tables, disjoint pools) leave each other's rules alone."""
+    serve_in(net, net.a, 18082)
+    net.segments.allow_ingress(net.a, port=18082)
+    other = NetworkSegments(
+        pool="10.216.242.0/28", table=f"ztlab_o{os.getpid()}", state_file=tmp_path / "o.json"
+    )
+    other.setup()
+    try:
+        assert reachable(None, net.a.sandbox_ip, 18082)
+    finally:
+        other.teardown()
+
+
 def test_one_sandbox_cannot_reach_another(net: Net) -> None:
     serve_in(net, net.a, 18090)
     net.segments.allow_ingress(net.a, port=18090)
