@@ -283,9 +283,7 @@ class NetworkSegments:
                 f"flush chain {t} {chain}",
             ]
         # (1) sandbox -> anything that is not an address of this host
-        lines += [
-            f"add rule {t} prerouting {src} fib daddr type != local {r}" for r in reject
-        ]
+        lines += [f"add rule {t} prerouting {src} fib daddr type != local {r}" for r in reject]
         # (2) sandbox -> this host: replies, then allowed (namespace, dest, proto, port)
         lines += [
             f"add rule {t} input {src} ct state established,related accept",
