@@ -72,7 +72,8 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     # -- the hub, its proxy and its database ------------------------------------------------
     c.JupyterHub.bind_url = config.hub.bind_url
     c.JupyterHub.hub_bind_url = config.hub.api_url
-    c.ConfigurableHTTPProxy.api_url = config.hub.proxy_api_url
+    # internal TLS: the proxy's REST API speaks https to the hub's client certificate
+    c.ConfigurableHTTPProxy.api_url = config.hub.proxy_api_url.replace("http://", "https://", 1)
     c.ConfigurableHTTPProxy.command = [str(node_modules() / ".bin" / "configurable-http-proxy")]
     c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
     database = private_file(state / "jupyterhub.sqlite")
@@ -84,6 +85,10 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     crypt_key = private_file(state / "auth-state.key", content=secrets.token_hex(32).encode())
     c.CryptKeeper.keys = [bytes.fromhex(crypt_key.read_text().strip())]
     c.JupyterHub.pid_file = str(state / "jupyterhub.pid")
+    # hub, proxy and servers talk over mutual TLS (JupyterHub's internal_ssl); the
+    # certificate authority and keys live under state_dir/hub/internal-ssl (0700)
+    c.JupyterHub.internal_ssl = True
+    c.JupyterHub.internal_certs_location = str(private_dir(state / "internal-ssl"))
     c.JupyterHub.template_paths = [str(Path(__file__).parent / "login" / "templates")]
 
     # -- short, re-checked sessions and expiring tokens ---------------------------------------
@@ -166,6 +171,7 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
         segments.setup()  # puts the service address on lo before the hub API binds to it
         api = urlsplit(config.hub.api_url)
         c.JupyterHub.hub_bind_url = f"{api.scheme}://{segments.service_ip}:{api.port or 8081}"
+        c.JupyterHub.trusted_alt_names = [f"IP:{segments.service_ip}"]
         c.JupyterHub.spawner_class = SandboxSpawner
         c.Spawner.poll_interval = 10  # a server past its GPU lease is stopped within ~10 s
         if config_path is not None:

@@ -65,6 +65,7 @@ USER_SCOPES = [
     "read:users:name!user",
     "read:users:groups!user",
     "read:users:activity!user",
+    "users:activity!user",
     "read:servers!user",
     "servers!user",
     "access:servers!user",

@@ -10,8 +10,10 @@ Namespaces, cgroups and GPU leases are added by the sandbox spawner that builds 
 from __future__ import annotations
 
 import hashlib
+import os
 import pwd
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,30 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
         if entry.pw_uid == 0:
             raise RuntimeError(f"refusing to run {self.user.name}'s server as root")
         Path(entry.pw_dir).chmod(0o700)
+
+    async def move_certs(self, paths: dict[str, str]) -> dict[str, str]:
+        """Stage the server's internal-TLS key, certificate and CA in the account's home.
+
+        (JupyterHub's own version looks up a Unix user named like the hub user.)
+        """
+        entry = pwd.getpwnam(self.account)
+        home = Path(entry.pw_dir)
+        hub_dir = home / ".jupyterhub"
+        out_dir = hub_dir / "jupyterhub-certs"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(mode=0o700, parents=True)
+        moved = {
+            "keyfile": out_dir / Path(paths["keyfile"]).name,
+            "certfile": out_dir / Path(paths["certfile"]).name,
+            "cafile": out_dir / Path(paths["cafile"]).name,
+        }
+        shutil.move(paths["keyfile"], moved["keyfile"])
+        shutil.move(paths["certfile"], moved["certfile"])
+        shutil.copy(paths["cafile"], moved["cafile"])
+        for path in (hub_dir, out_dir, *moved.values()):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        moved["keyfile"].chmod(0o600)
+        return {key: str(value) for key, value in moved.items()}
 
     def make_preexec_fn(self, name: str) -> Any:
         return set_user_setuid(self.account)

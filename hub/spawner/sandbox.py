@@ -156,6 +156,18 @@ class SandboxSpawner(DedicatedUserSpawner):
             raise SpawnRefused(f"unknown GPU pool {pool!r}; the pools are: {known}")
         return count, pool if count else None
 
+    async def create_certs(self) -> dict[str, str]:
+        """Internal TLS: the server's certificate names its sandbox address.
+
+        JupyterHub calls this before :meth:`start`; the account and the network namespace
+        (whose address is stable per user) are made here first.
+        """
+        self.ensure_account()
+        netns = self.plane.segments.create(self.user.name)
+        self.ssl_alt_names = [f"IP:{netns.sandbox_ip}"]
+        paths: dict[str, str] = await super().create_certs()
+        return paths
+
     # -- the stages ----------------------------------------------------------------------------
 
     async def start(self) -> Any:
@@ -258,8 +270,9 @@ class SandboxSpawner(DedicatedUserSpawner):
         self.port = self.server_port
         self.ip = "0.0.0.0"  # noqa: S104 - inside the user's own network namespace
         env = self.get_env()
+        scheme = "https" if self.internal_ssl else "http"
         env["JUPYTERHUB_API_URL"] = (
-            f"http://{plane.segments.service_ip}:{_port(config.hub.api_url)}/hub/api"
+            f"{scheme}://{plane.segments.service_ip}:{_port(config.hub.api_url)}/hub/api"
         )
         env["PATH"] = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
         if lease is not None:

@@ -11,7 +11,9 @@ import contextlib
 import os
 import pwd
 import shutil
+import socket
 import sqlite3
+import ssl
 import stat
 import subprocess
 import sys
@@ -470,3 +472,24 @@ def test_a_server_past_its_lease_is_stopped(servers: dict[str, Server], stack: L
     assert _active_leases(stack, "kim") == 0
     assert stack.wait_record("server.lease_expired", actor="kim")
     assert not CgroupManager.detect(parent="ztlab").get("ztl-kim").procs()
+
+
+def _tls_request_without_client_certificate(ip: str) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # we only want to see that *our* side is refused
+    with (
+        socket.create_connection((ip, 8888), timeout=5) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(b"GET /user/ivan/api HTTP/1.1\r\nHost: x\r\n\r\n")
+        return tls.recv(100)
+
+
+def test_servers_accept_only_mutual_tls(servers: dict[str, Server]) -> None:
+    """Internal TLS: a host process without a hub-issued client certificate gets nothing."""
+    ip = _sandbox_ip("ivan")
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://{ip}:8888/user/ivan/api", timeout=5)
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        _tls_request_without_client_certificate(ip)
