@@ -114,7 +114,9 @@ def _ztlab_hub(root: Path, hub: str, issuer: str) -> subprocess.Popen[bytes]:
     )
 
 
-def _plain_hub(root: Path, hub: str, idp: DevIdP) -> subprocess.Popen[bytes]:
+def _plain_hub(root: Path, hub: str, idp: DevIdP, *, extra: str = "") -> subprocess.Popen[bytes]:
+    """A stock JupyterHub with GenericOAuthenticator on the same provider (the baseline);
+    ``extra`` adds configuration lines (e.g. a spawner)."""
     root.mkdir(mode=0o700)
     config = root / "jupyterhub_config.py"
     chp = node_modules() / ".bin" / "configurable-http-proxy"
@@ -139,6 +141,7 @@ def _plain_hub(root: Path, hub: str, idp: DevIdP) -> subprocess.Popen[bytes]:
         c.GenericOAuthenticator.allow_all = True
         c.JupyterHub.default_url = "/hub/home"
         """)
+        + textwrap.dedent(extra)
     )
     jupyterhub = Path(sys.executable).with_name("jupyterhub")
     return _start(

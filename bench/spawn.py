@@ -41,10 +41,10 @@ from pathlib import Path
 import requests
 
 from bench._table import Row, percentile
+from bench.login import _plain_hub as login_plain_hub
 from bench.login import _port, _start, _stop
 from ztlab.hub.devidp.flow import idp_login
 from ztlab.hub.devidp.launcher import DevIdP
-from ztlab.hub.hubconfig import node_modules
 
 SECRET = "bench-client-secret-0123456789abcdef"
 POOL = "10.215.0.0/16"  # not the tests' pools (10.213/16 default, 10.214/16 end to end)
@@ -109,39 +109,17 @@ def _ztlab_hub(root: Path, url: str, issuer: str, *, sandbox: bool) -> subproces
 
 def _plain_hub(root: Path, url: str, idp: DevIdP) -> subprocess.Popen[bytes]:
     """The login suite's plain hub, its servers started as ours are (command, URL, timeout)."""
-    root.mkdir(mode=0o700)
-    config = root / "jupyterhub_config.py"
-    chp = node_modules() / ".bin" / "configurable-http-proxy"
     singleuser = Path(sys.executable).with_name("jupyterhub-singleuser")
-    config.write_text(
-        textwrap.dedent(f"""
-        c.JupyterHub.bind_url = "{url}"
-        c.JupyterHub.hub_bind_url = "http://127.0.0.1:{_port()}"
-        c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{_port()}"
-        c.ConfigurableHTTPProxy.command = ["{chp}"]
-        c.JupyterHub.db_url = "sqlite:///{root / "plain.sqlite"}"
-        c.JupyterHub.cookie_secret_file = "{root / "cookie_secret"}"
-        c.JupyterHub.authenticator_class = "generic-oauth"
-        c.GenericOAuthenticator.client_id = "plain-hub"
-        c.GenericOAuthenticator.client_secret = "{SECRET}"
-        c.GenericOAuthenticator.oauth_callback_url = "{url}/hub/oauth_callback"
-        c.GenericOAuthenticator.authorize_url = "{idp.authorization_url}"
-        c.GenericOAuthenticator.token_url = "{idp.token_url}"
-        c.GenericOAuthenticator.userdata_url = "{idp.userinfo_url}"
-        c.GenericOAuthenticator.scope = ["openid", "profile", "email", "groups"]
-        c.GenericOAuthenticator.username_claim = "preferred_username"
-        c.GenericOAuthenticator.enable_pkce = True
-        c.GenericOAuthenticator.allow_all = True
-        c.JupyterHub.default_url = "/hub/home"
+    return login_plain_hub(
+        root,
+        url,
+        idp,
+        extra=f"""
         c.JupyterHub.spawner_class = "localprocess"
         c.Spawner.cmd = ["{singleuser}"]
         c.Spawner.default_url = "/lab"
         c.Spawner.http_timeout = 60
-        """)
-    )
-    jupyterhub = Path(sys.executable).with_name("jupyterhub")
-    return _start(
-        [str(jupyterhub), "-f", str(config)], root / "hub.log", f"{url}/hub/health", cwd=root
+        """,
     )
 
 

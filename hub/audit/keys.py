@@ -58,27 +58,39 @@ def generate_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    """Load the Ed25519 private key at ``path``, refusing unsafe permissions."""
+def read_private_key_file(path: Path, *, what: str) -> bytes:
+    """The bytes of a key file only the control plane may read; refuse anything else.
+
+    ``what`` names the key in messages ("signing key"). The file must exist, be a regular
+    file, have no group/other permission bits and belong to this process's user.
+    """
     try:
         info = path.stat()
         data = path.read_bytes()
     except FileNotFoundError as exc:
-        raise KeyFileError(f"{path}: no such signing key") from exc
+        raise KeyFileError(f"{path}: no such {what}") from exc
     except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read the signing key: {exc.strerror}") from exc
+        raise KeyFileError(f"{path}: cannot read the {what}: {exc.strerror}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyFileError(f"{path}: the {what} is not a regular file")
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         raise KeyFileError(
-            f"{path}: signing key is readable or writable by group/others (mode {mode:04o}); "
+            f"{path}: {what} is readable or writable by group/others (mode {mode:04o}); "
             "expected 0600",
             hint=f"chmod 600 {path}",
         )
     if info.st_uid != os.geteuid():
         raise KeyFileError(
-            f"{path}: signing key is owned by uid {info.st_uid}, not by this control-plane "
+            f"{path}: {what} is owned by uid {info.st_uid}, not by this control-plane "
             f"user (uid {os.geteuid()})"
         )
+    return data
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """Load the Ed25519 private key at ``path``, refusing unsafe permissions."""
+    data = read_private_key_file(path, what="signing key")
     try:
         key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

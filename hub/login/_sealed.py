@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ztlab.common.errors import KeyFileError
-from ztlab.hub.audit.keys import write_private_file
+from ztlab.hub.audit.keys import read_private_key_file, write_private_file
 
 #: length of the key file's contents, in bytes
 KEY_BYTES = 32
@@ -70,27 +69,7 @@ class SealingKey:
 
 def load_key_file(path: Path) -> bytes:
     """The key file's 32 bytes, refusing a missing, malformed or unsafe file."""
-    try:
-        info = path.stat()
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise KeyFileError(f"{path}: no such TOTP store key") from exc
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read the TOTP store key: {exc.strerror}") from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"{path}: the TOTP store key is not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise KeyFileError(
-            f"{path}: TOTP store key is readable or writable by group/others (mode {mode:04o}); "
-            "expected 0600",
-            hint=f"chmod 600 {path}",
-        )
-    if info.st_uid != os.geteuid():
-        raise KeyFileError(
-            f"{path}: TOTP store key is owned by uid {info.st_uid}, not by this control-plane "
-            f"user (uid {os.geteuid()})"
-        )
+    data = read_private_key_file(path, what="TOTP store key")
     if len(data) != KEY_BYTES:
         raise KeyFileError(
             f"{path}: a TOTP store key holds exactly {KEY_BYTES} bytes, this file has {len(data)}"
