@@ -140,6 +140,9 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
                     "-m",
                     "jupyterhub_idle_culler",
                     f"--timeout={config.hub.cull_idle_seconds}",
+                    # through the proxy on this machine: the hub's own API speaks internal
+                    # TLS with a private CA that the culler does not load
+                    f"--url={public_url(config, '/hub/api')}",
                     f"--cull-every={max(30, config.hub.cull_idle_seconds // 10)}",
                 ],
             }

@@ -288,7 +288,7 @@ class SandboxSpawner(DedicatedUserSpawner):
             home=Path(entry.pw_dir),
             datasets=self.granted_datasets(roles),
             devices=device_binds,
-            readonly_paths=(*DEFAULT_READONLY_PATHS, _code_root()),
+            readonly_paths=_readonly_paths(DEFAULT_READONLY_PATHS),
             # other users' cgroups (names, pids, usage) are not the sandbox's business
             hidden=[config.state_dir, Path("/etc/ztlab"), Path("/sys/fs/cgroup")],
         )
@@ -392,6 +392,16 @@ def _cuda_ids(plane: _ControlPlane, lease: Any) -> list[str]:
         gpu = plane.inventory.gpu(gpu_id) if plane.inventory is not None else None
         ids.append(gpu.uuid if gpu is not None and gpu.uuid else str(gpu_id))
     return ids
+
+
+def _readonly_paths(system: tuple[Path, ...]) -> tuple[Path, ...]:
+    """The system, plus this venv and the ztlab code where they live outside it."""
+    extra = [Path(sys.prefix).resolve(), _code_root()]
+    paths = list(system)
+    for path in extra:
+        if not any(path == p or path.is_relative_to(p) for p in paths):
+            paths.append(path)
+    return tuple(paths)
 
 
 def _code_root() -> Path:
