@@ -121,6 +121,7 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
 
         (JupyterHub's own version looks up a Unix user named like the hub user.)
         """
+        self.ensure_account()  # JupyterHub moves certificates before it calls start()
         entry = pwd.getpwnam(self.account)
         home = Path(entry.pw_dir)
         hub_dir = home / ".jupyterhub"
