@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from ztlab.common.errors import KeyFileError
+from ztlab.common.errors import KeyFileError, ZtlabError
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -58,6 +58,27 @@ def generate_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def check_private_file(
+    path: Path, info: os.stat_result, *, what: str, error: type[ZtlabError] = KeyFileError
+) -> None:
+    """Refuse a file that is not regular, that group/others may access, or that another
+    user owns; ``what`` names it in the message, ``error`` is the exception to raise."""
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path}: the {what} is not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise error(
+            f"{path}: {what} is readable or writable by group/others (mode {mode:04o}); "
+            "expected 0600",
+            hint=f"chmod 600 {path}",
+        )
+    if info.st_uid != os.geteuid():
+        raise error(
+            f"{path}: {what} is owned by uid {info.st_uid}, not by this control-plane "
+            f"user (uid {os.geteuid()})"
+        )
+
+
 def read_private_key_file(path: Path, *, what: str) -> bytes:
     """The bytes of a key file only the control plane may read; refuse anything else.
 
@@ -71,20 +92,7 @@ def read_private_key_file(path: Path, *, what: str) -> bytes:
         raise KeyFileError(f"{path}: no such {what}") from exc
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read the {what}: {exc.strerror}") from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"{path}: the {what} is not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise KeyFileError(
-            f"{path}: {what} is readable or writable by group/others (mode {mode:04o}); "
-            "expected 0600",
-            hint=f"chmod 600 {path}",
-        )
-    if info.st_uid != os.geteuid():
-        raise KeyFileError(
-            f"{path}: {what} is owned by uid {info.st_uid}, not by this control-plane "
-            f"user (uid {os.geteuid()})"
-        )
+    check_private_file(path, info, what=what)
     return data
 
 

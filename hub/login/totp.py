@@ -33,10 +33,8 @@ closed. No audit detail or error message ever holds a secret or a code.
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -51,7 +49,7 @@ import segno
 
 from ztlab.common.auditlog.sink import AuditSink
 from ztlab.common.errors import KeyFileError, UsageError, ZtlabError
-from ztlab.hub.audit.keys import write_private_file
+from ztlab.hub.audit.keys import check_private_file, write_private_file
 from ztlab.hub.login._sealed import SealingKey, load_key_file, load_or_create_key_file
 
 __all__ = [
@@ -755,20 +753,7 @@ def _prepare_database_file(path: Path) -> None:
             return
     except OSError as exc:
         raise TotpStoreError(f"{path}: cannot read the TOTP store: {exc.strerror}") from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise TotpStoreError(f"{path}: the TOTP store is not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise TotpStoreError(
-            f"{path}: TOTP store is readable or writable by group/others (mode {mode:04o}); "
-            "expected 0600",
-            hint=f"chmod 600 {path}",
-        )
-    if info.st_uid != os.geteuid():
-        raise TotpStoreError(
-            f"{path}: TOTP store is owned by uid {info.st_uid}, not by this control-plane "
-            f"user (uid {os.geteuid()})"
-        )
+    check_private_file(path, info, what="TOTP store", error=TotpStoreError)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
