@@ -59,6 +59,9 @@ def test_up_starts_the_idp_and_the_hub_and_down_stops_them(tmp_path: Path) -> No
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"open              {hub}/hub/" in up.stdout
         assert "alice  ml-trainers" in up.stdout
+        again = _ztlab("up", "--config", str(config))
+        assert again.returncode == 0, again.stderr
+        assert "is already up" in again.stdout
         state = tmp_path / "state"
         # state and secrets are readable by the control plane only
         for path in (state, state / "hub", state / "secrets"):

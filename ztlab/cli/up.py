@@ -127,6 +127,13 @@ def up_command(config_path: Path) -> None:
     from ztlab.hub.hubconfig import public_url
 
     config = load_config(config_path)
+    running = ManagedProcess("hub", config.state_dir).pid()
+    if running is not None:
+        click.echo(
+            f"zerotrust-lab is already up (hub pid {running}): open "
+            f"{public_url(config, '/hub/')}; `ztlab down` stops it"
+        )
+        return
     _prepare_state(config, config_path)
     records, verifier, policies, actions = _record_start(config, config_path)
     if config.login.development_provider:
