@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from traitlets import Float, Integer, Unicode
+from traitlets import Float, Integer, Unicode, default
 
 from ztlab.common.config import ZtlabConfig, load_config
 from ztlab.common.errors import ZtlabError
@@ -108,6 +108,7 @@ class SandboxSpawner(DedicatedUserSpawner):
 
     # -- user options ------------------------------------------------------------------------
 
+    @default("options_form")
     def _options_form_default(self) -> str:
         pools = self.plane.config.gpu.pools
         choices = "".join(f'<option value="{name}">{name}</option>' for name in pools)
