@@ -12,6 +12,7 @@ import click
 from ztlab import __version__
 from ztlab.cli.audit import audit_group
 from ztlab.cli.config import config_group
+from ztlab.cli.data import data_group
 from ztlab.cli.hub import hub_command
 from ztlab.cli.k8s import k8s_group
 from ztlab.cli.policy import policy_group
@@ -31,6 +32,7 @@ cli.add_command(up_command)
 cli.add_command(hub_command)
 cli.add_command(down_command)
 cli.add_command(k8s_group)
+cli.add_command(data_group)
 
 
 def main() -> None:
