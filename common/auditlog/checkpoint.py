@@ -105,6 +105,10 @@ def verify_checkpoint_note(note: str, *, origin: str, key: Ed25519PublicKey) -> 
             raw = base64.b64decode(sig_b64, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise VerificationError(f"signature line for {name!r} is not base64") from exc
+        # canonical encoding only: base64 ignores the unused low bits of its last
+        # character, so without this a changed character could decode to the same bytes
+        if base64.b64encode(raw).decode() != sig_b64:
+            raise VerificationError(f"signature line for {name!r} is not canonical base64")
         if name == origin and raw[:4] == want_id and len(raw) == 4 + 64:
             signature = raw[4:]
             break
@@ -128,6 +132,8 @@ def verify_checkpoint_note(note: str, *, origin: str, key: Ed25519PublicKey) -> 
         root = base64.b64decode(root_text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise VerificationError("checkpoint root hash is not base64") from exc
+    if base64.b64encode(root).decode() != root_text:
+        raise VerificationError("checkpoint root hash is not canonical base64")
     if len(root) != 32 or not ts_text[10:].isdigit():
         raise VerificationError("checkpoint root hash or timestamp is malformed")
     return Checkpoint(origin=origin, size=int(size_text), root=root, timestamp_ms=int(ts_text[10:]))

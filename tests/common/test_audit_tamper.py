@@ -181,3 +181,19 @@ def test_a_rewritten_tail_with_recomputed_chain_is_caught(tmp_path: Path) -> Non
     log.write_bytes(b"".join(rebuilt))
     with pytest.raises(AuditVerificationError, match="recomputed hash chain"):
         verify(log)
+
+
+def test_a_signature_with_changed_unused_base64_bits_is_refused(tmp_path: Path) -> None:
+    """The last base64 character before '=' carries unused bits: a decoder ignores them, so
+    the flipped character decodes to the same signature. Only canonical base64 passes."""
+    log = tmp_path / "audit.jsonl"
+    write_log(log, [("alice", "login.success", {})])
+    checkpoints = log.with_name(log.name + ".checkpoints")
+    text = checkpoints.read_text()
+    end = text.rindex("=\\n")  # the signature's padding, before the note's final newline
+    last = text[end - 1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    twin = alphabet[alphabet.index(last) ^ 1]  # differs only in an unused low bit
+    checkpoints.write_text(text[: end - 1] + twin + text[end:])
+    with pytest.raises(AuditVerificationError, match="not canonical base64"):
+        verify(log)
