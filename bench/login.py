@@ -87,7 +87,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _ztlab_hub(root: Path, hub: str, issuer: str) -> subprocess.Popen[bytes]:
+def _ztlab_hub(
+    root: Path, hub: str, issuer: str, *, extra: str = "[sandbox]\nenabled = false\n"
+) -> subprocess.Popen[bytes]:
+    """``ztlab hub`` on the development provider; ``extra`` adds TOML lines (by default the
+    sandbox is off: the login suite spawns nothing and leaves no firewall rules behind)."""
     root.mkdir(mode=0o700)
     secret = root / "client-secret"
     secret.write_text(SECRET)
@@ -107,6 +111,7 @@ def _ztlab_hub(root: Path, hub: str, issuer: str) -> subprocess.Popen[bytes]:
         [secrets]
         oidc_client_secret = {{ file = "{secret}" }}
         """)
+        + textwrap.dedent(extra)
     )
     ztlab = Path(sys.executable).with_name("ztlab")
     return _start(

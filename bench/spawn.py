@@ -28,7 +28,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -42,13 +41,14 @@ import requests
 
 from bench._table import Row, percentile
 from bench.login import _plain_hub as login_plain_hub
-from bench.login import _port, _start, _stop
+from bench.login import _port, _stop
+from bench.login import _ztlab_hub as login_ztlab_hub
 from ztlab.hub.devidp.flow import idp_login
 from ztlab.hub.devidp.launcher import DevIdP
 
 SECRET = "bench-client-secret-0123456789abcdef"
 POOL = "10.215.0.0/16"  # not the tests' pools (10.213/16 default, 10.214/16 end to end)
-TABLE = "ztlab_bench"  # our own nftables table, where ``[sandbox] firewall_table`` exists
+TABLE = "ztlab_bench"  # our own nftables table ([sandbox] firewall_table)
 POLL_S = 0.05
 CONCURRENT_POLL_S = 0.25  # 20 pollers at 50 ms would load the hub they measure
 TIMEOUT_S = 120.0
@@ -76,34 +76,16 @@ class Hub:
 
 def _ztlab_hub(root: Path, url: str, issuer: str, *, sandbox: bool) -> subprocess.Popen[bytes]:
     """``ztlab hub`` from a ztlab.toml that differs between the two only in ``enabled``."""
-    root.mkdir(mode=0o700)
-    secret = root / "client-secret"
-    secret.write_text(SECRET)
-    secret.chmod(0o600)
-    config = root / "ztlab.toml"
-    config.write_text(
-        textwrap.dedent(f"""
-        state_dir = "{root / "state"}"
-        [hub]
-        bind_url = "{url}"
-        api_url = "http://127.0.0.1:{_port()}"
-        proxy_api_url = "http://127.0.0.1:{_port()}"
-        [login]
-        issuer = "{issuer}"
-        client_id = "ztlab-hub"
-        [groups]
-        ml-trainers = ["trainer"]
-        [secrets]
-        oidc_client_secret = {{ file = "{secret}" }}
+    return login_ztlab_hub(
+        root,
+        url,
+        issuer,
+        extra=f"""
         [sandbox]
         enabled = {"true" if sandbox else "false"}
         address_pool = "{POOL}"
-        {f'firewall_table = "{TABLE}"' if _own_table() else ""}
-        """)
-    )
-    ztlab = Path(sys.executable).with_name("ztlab")
-    return _start(
-        [str(ztlab), "hub", "--config", str(config)], root / "hub.log", f"{url}/hub/health"
+        firewall_table = "{TABLE}"
+        """,
     )
 
 
@@ -248,21 +230,8 @@ def _cgroup_parents() -> set[Path]:
     return {p for p in [root / "ztlab", *root.glob("*/ztlab")] if p.is_dir()}
 
 
-def _own_table() -> bool:
-    """Whether ``[sandbox] firewall_table`` is known, so the run need not share ``ztlab``."""
-    from ztlab.common.config.model import SandboxConfig
-
-    return "firewall_table" in SandboxConfig.model_fields
-
-
-def _table() -> str:
-    return TABLE if _own_table() else "ztlab"
-
-
 def _nft_table_exists() -> bool:
-    done = subprocess.run(
-        ["nft", "list", "table", "inet", _table()], capture_output=True, check=False
-    )
+    done = subprocess.run(["nft", "list", "table", "inet", TABLE], capture_output=True, check=False)
     return done.returncode == 0
 
 
@@ -287,9 +256,7 @@ def _clean_sandbox(
             if parent not in cgroup_parents:
                 with contextlib.suppress(OSError):
                     parent.rmdir()
-    segments = NetworkSegments(
-        pool=POOL, table=_table(), state_file=state / "sandbox" / "netns.json"
-    )
+    segments = NetworkSegments(pool=POOL, table=TABLE, state_file=state / "sandbox" / "netns.json")
     known = set(users)
     with contextlib.suppress(Exception):
         known |= set(segments.users())
@@ -304,7 +271,7 @@ def _clean_sandbox(
     if f" {segments.service_ip}/32 " in lo:
         subprocess.run(["ip", "addr", "del", f"{segments.service_ip}/32", "dev", "lo"], check=False)
     if not table and _nft_table_exists():  # the firewall table, when this run made it
-        subprocess.run(["nft", "delete", "table", "inet", _table()], check=False)
+        subprocess.run(["nft", "delete", "table", "inet", TABLE], check=False)
 
 
 @contextlib.contextmanager
