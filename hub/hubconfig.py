@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ConfigError
+from ztlab.hub.api import DATA_SCOPE
 from ztlab.hub.login.authenticator import MFAOAuthenticator, rbac_roles
 from ztlab.hub.spawner.dedicated import DedicatedUserSpawner
 from ztlab.kernels.kernelspec import KERNEL_NAME
@@ -125,6 +126,16 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     auth.audit_signing_key = str(config.audit_signing_key_path)
     auth.audit_origin = config.audit.origin
     auth.audit_checkpoint_interval = config.audit.checkpoint_interval_seconds
+    auth.dataset_registry = str(config.dataset_registry_path)
+    auth.attestation_key = str(config.attestation_key_path)
+    auth.dataset_storage_roots = [str(p) for p in config.datasets.storage_roots]
+    c.JupyterHub.custom_scopes = {
+        DATA_SCOPE: {
+            "description": "Use the zerotrust-lab dataset API (each action is a policy decision)"
+        }
+    }
+    # the server's token (inherited by its kernels) may use the dataset API, nothing more
+    c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server", DATA_SCOPE]
     auth.totp_db = str(state / "totp.sqlite")
     auth.totp_key = str(private_dir(config.state_dir / "keys") / "totp.key")
     auth.totp_max_failures = login.totp_max_failures

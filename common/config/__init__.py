@@ -21,6 +21,7 @@ from ztlab.common.config.load import (
 from ztlab.common.config.model import (
     DEFAULT_ROLE_NAMES,
     AuditConfig,
+    DatasetsConfig,
     GpuConfig,
     GpuPool,
     HubConfig,
@@ -39,6 +40,7 @@ from ztlab.common.config.model import (
 __all__ = [
     "DEFAULT_ROLE_NAMES",
     "AuditConfig",
+    "DatasetsConfig",
     "GpuConfig",
     "GpuPool",
     "HubConfig",

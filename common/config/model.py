@@ -795,6 +795,37 @@ class AuditConfig(_Model):
         return state_dir / "keys" / "audit-ed25519.key"
 
 
+class DatasetsConfig(_Model):
+    """``[datasets]``: the dataset registry and the key that signs its manifests."""
+
+    storage_roots: list[AbsPath] = Field(
+        default_factory=lambda: [Path("/srv/datasets")],
+        description=(
+            "Directories datasets may be registered from; a registration whose path does not "
+            "resolve inside one of them is refused (a steward cannot publish `/etc` as a "
+            'dataset). Default: `["/srv/datasets"]`. '
+            'Example: `storage_roots = ["/srv/datasets", "/data/shared"]`.'
+        ),
+    )
+    registry: AbsPath | None = Field(
+        default=None,
+        description=(
+            "SQLite file of registered dataset versions and their signed manifests (mode "
+            "0600). Default: `<state_dir>/datasets/registry.sqlite`. "
+            'Example: `registry = "/var/lib/ztlab/datasets/registry.sqlite"`.'
+        ),
+    )
+    signing_key: AbsPath | None = Field(
+        default=None,
+        description=(
+            "ECDSA P-256 private key that signs dataset manifests (and, later, models); "
+            "created on first use, readable only by the control plane; its public key is "
+            "written next to it as `.pub`. Default: `<state_dir>/keys/attest-p256.key`. "
+            'Example: `signing_key = "/var/lib/ztlab/keys/attest-p256.key"`.'
+        ),
+    )
+
+
 class PolicyConfig(_Model):
     """``[policy]``: the Cedar access policies."""
 
@@ -1009,6 +1040,10 @@ class ZtlabConfig(_Model):
         ),
     )
     gpu: GpuConfig = Field(default_factory=GpuConfig, description="GPU pools.")
+    datasets: DatasetsConfig = Field(
+        default_factory=DatasetsConfig,
+        description="The dataset registry: where datasets may come from, how they are signed.",
+    )
     secrets: SecretsConfig = Field(
         default_factory=SecretsConfig,
         description=(
@@ -1058,6 +1093,16 @@ class ZtlabConfig(_Model):
     def audit_signing_key_path(self) -> Path:
         """The checkpoint signing key (default ``<state_dir>/keys/audit-ed25519.key``)."""
         return self.audit.signing_key_path(self.state_dir)
+
+    @property
+    def dataset_registry_path(self) -> Path:
+        """The registry database (default ``<state_dir>/datasets/registry.sqlite``)."""
+        return self.datasets.registry or self.state_dir / "datasets" / "registry.sqlite"
+
+    @property
+    def attestation_key_path(self) -> Path:
+        """The statement signing key (default ``<state_dir>/keys/attest-p256.key``)."""
+        return self.datasets.signing_key or self.state_dir / "keys" / "attest-p256.key"
 
     @property
     def policy_directory(self) -> Path | None:

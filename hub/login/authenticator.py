@@ -42,6 +42,7 @@ from ztlab.hub.login.totp import TotpStore
 
 if TYPE_CHECKING:
     from ztlab.hub.audit import AuditLog
+    from ztlab.hub.datasets import DatasetRegistry
     from ztlab.hub.policy import PolicyEngine
 
 #: the nonce the current login's callback expects (set by the callback handler)
@@ -71,6 +72,8 @@ USER_SCOPES = [
     "access:servers!user",
     "read:tokens!user",
     "tokens!user",
+    # the control plane's dataset API (each action is still a policy decision)
+    "custom:ztlab:data",
 ]
 
 
@@ -228,6 +231,36 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         help="""The audit log's checkpoint origin. Added in 0.1.""",
     )
 
+    dataset_registry = Unicode(
+        "",
+        config=True,
+        help="""SQLite file of registered dataset versions (mode 0600).
+
+        Example:
+        ``c.MFAOAuthenticator.dataset_registry = "/var/lib/ztlab/datasets/registry.sqlite"``.
+        Added in 0.2.
+        """,
+    )
+
+    attestation_key = Unicode(
+        "",
+        config=True,
+        help="""ECDSA P-256 key that signs dataset manifests (created on first use).
+
+        Example: ``c.MFAOAuthenticator.attestation_key = "/var/lib/ztlab/keys/attest-p256.key"``.
+        Added in 0.2.
+        """,
+    )
+
+    dataset_storage_roots = List(
+        Unicode(),
+        config=True,
+        help="""Directories datasets may be registered from.
+
+        Example: ``c.MFAOAuthenticator.dataset_storage_roots = ["/srv/datasets"]``. Added in 0.2.
+        """,
+    )
+
     audit_checkpoint_interval = Float(
         2.0, config=True, help="""Seconds between signed audit checkpoints. Added in 0.1."""
     )
@@ -305,6 +338,7 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         self._audit_log: AuditLog | None = None
         self._totp: TotpStore | None = None
         self._policy: PolicyEngine | None = None
+        self._registry: DatasetRegistry | None = None
         self._pending: dict[str, PendingLogin] = {}
         self._networks = [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
 
@@ -353,6 +387,26 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
                 else PolicyEngine.defaults(audit=self.audit)
             )
         return self._policy
+
+    @property
+    def dataset_registry_store(self) -> DatasetRegistry:
+        """The dataset registry, opened on first use (signing key created if missing)."""
+        if self._registry is None:
+            from ztlab.hub.attest import load_or_create_attestation_key
+            from ztlab.hub.datasets import DatasetRegistry
+
+            if not self.dataset_registry or not self.attestation_key:
+                raise RuntimeError(
+                    "MFAOAuthenticator.dataset_registry and attestation_key must be configured"
+                )
+            self._registry = DatasetRegistry(
+                path=Path(self.dataset_registry),
+                key=load_or_create_attestation_key(Path(self.attestation_key)),
+                policy=self.policy_engine,
+                audit=self.audit,
+                storage_roots=[Path(p) for p in self.dataset_storage_roots],
+            )
+        return self._registry
 
     def record(self, actor: str, action: str, **detail: Any) -> None:
         """Queue one audit record (never blocks on disk)."""
@@ -571,12 +625,15 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
 
     def get_handlers(self, app: Any) -> list[tuple[str, Any]]:
         """Our login, callback and MFA step-up handlers."""
+        from ztlab.hub.api import api_handlers
         from ztlab.hub.login.handlers import MFACallbackHandler, MFALoginHandler, StepUpHandler
 
         return [
             (r"/oauth_login", MFALoginHandler),
             (r"/oauth_callback", MFACallbackHandler),
             (r"/ztlab/mfa", StepUpHandler),
+            # the control plane's API lives in the hub process, next to the audit writer
+            *api_handlers(),
         ]
 
 

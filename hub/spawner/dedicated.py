@@ -64,6 +64,21 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
             name = f"{self.account_prefix}{digest}"
         return name
 
+    def get_env(self) -> dict[str, str]:
+        """JupyterHub's environment plus the public key that signs dataset manifests.
+
+        Kernels verify signed manifests with ``ZTLAB_TRUSTED_KEYS`` (PEM), so a registry
+        answer that the control plane did not sign is refused even if it arrives over the
+        hub API.
+        """
+        env: dict[str, str] = super().get_env()
+        registry = getattr(self.authenticator, "dataset_registry_store", None)
+        if registry is not None:
+            from ztlab.common.attest import public_key_pem
+
+            env["ZTLAB_TRUSTED_KEYS"] = public_key_pem(registry.public_key)
+        return env
+
     async def start(self) -> Any:
         """Decide, create the account, then start the server as that account."""
         await self.decide()

@@ -245,6 +245,19 @@ class SandboxSpawner(DedicatedUserSpawner):
             )
             if decision.allowed and path.is_dir():
                 granted[f"/datasets/{name}"] = path
+        # registered versions the user may read, at /datasets/NAME@VERSION (each grant is an
+        # audited read_dataset decision)
+        registry = getattr(self.authenticator, "dataset_registry_store", None)
+        if registry is not None:
+            from ztlab.hub.datasets import RegistryDenied
+
+            for row in registry.all_versions():
+                try:
+                    registry.get(principal, row.ref)
+                except RegistryDenied:
+                    continue
+                if Path(row.source).is_dir():
+                    granted[f"/datasets/{row.ref}"] = Path(row.source)
         return granted
 
     def sandbox_and_start(self, roles: frozenset[str], lease: Any) -> tuple[str, int]:
@@ -280,6 +293,7 @@ class SandboxSpawner(DedicatedUserSpawner):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(_cuda_ids(plane, lease))
             env["ZTLAB_GPU_LEASE"] = lease.id
             env["ZTLAB_GPU_POOL"] = lease.pool
+        env["ZTLAB_DATASETS_MOUNT"] = "/datasets"  # registered versions at /datasets/NAME@VERSION
         gpu_nodes = [Path(f"/dev/nvidia{m}") for m in minors]
         extra = [Path("/dev/nvidiactl"), Path("/dev/nvidia-uvm"), Path("/dev/nvidia-uvm-tools")]
         device_binds = [p for p in gpu_nodes + (extra if minors else []) if p.exists()]

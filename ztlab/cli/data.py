@@ -12,10 +12,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ztlab.cli._errors import handle_errors
+from ztlab.cli.hub import CONFIG_OPTION
+from ztlab.common.attest import parse_dataset_ref
+from ztlab.common.errors import UsageError
 from ztlab.common.manifest import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
@@ -104,29 +108,75 @@ def fingerprint_command(
 @click.option(
     "--manifest",
     "manifest_path",
-    required=True,
+    default=None,
     type=click.Path(dir_okay=False, path_type=Path),
     help="The manifest written by `ztlab data fingerprint`.",
 )
+@click.option(
+    "--signed",
+    "signed_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A signed manifest (DSSE envelope from `ztlab data show --out` or `data sign`); "
+    "its signature is checked with --public-key first.",
+)
+@click.option(
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Trusted public key (PEM) for --signed; repeat for several.",
+)
+@click.option("--ref", default=None, help="With --signed: the dataset version it must be for.")
 @SYMLINKS_OPTION
 @PROGRESS_OPTION
 @WORKERS_OPTION
 @handle_errors
 def verify_command(
     directory: Path,
-    manifest_path: Path,
+    manifest_path: Path | None,
+    signed_path: Path | None,
+    public_keys: tuple[Path, ...],
+    ref: str | None,
     allow_symlinks: bool,
     progress: bool | None,
     workers: int | None,
 ) -> None:
-    """Check DIRECTORY against a manifest; exit 1 listing every difference."""
-    manifest = load_manifest(manifest_path)
+    """Check DIRECTORY against a manifest (plain or signed); exit 1 listing every difference."""
+    if (manifest_path is None) == (signed_path is None):
+        raise UsageError("give exactly one of --manifest and --signed")
+    if signed_path is not None:
+        from ztlab.common.attest import Envelope, load_public_keys, verify_signed_manifest
+
+        if not public_keys:
+            raise UsageError("--signed needs --public-key (the key that must have signed it)")
+        if ref is not None:
+            parse_dataset_ref(ref)
+        try:
+            text = signed_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the signed manifest {signed_path}: {exc}") from exc
+        signed = verify_signed_manifest(
+            Envelope.from_json(text, source=str(signed_path)),
+            load_public_keys(list(public_keys)),
+            expected_ref=ref,
+        )
+        click.echo(
+            f"signature OK: {signed.ref}, signed by key {signed.keyid[:16]}… "
+            f"(registered by {signed.registered_by} at {signed.registered_at})"
+        )
+        manifest = signed.manifest
+        exclude = _inside(signed_path, directory)
+    else:
+        assert manifest_path is not None
+        manifest = load_manifest(manifest_path)
+        exclude = _inside(manifest_path, directory)
     with _progress_bar(progress, "verify") as callback:
         result = verify(
             directory,
             manifest,
             allow_symlinks=allow_symlinks,
-            exclude=_inside(manifest_path, directory),
+            exclude=exclude,
             workers=workers,
             progress=callback,
         )
@@ -205,3 +255,188 @@ def _progress_bar(enabled: bool | None, label: str) -> Iterator[ProgressCallback
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+# -- signed manifests and the registry --------------------------------------------------
+
+HUB_OPTIONS = [
+    click.option(
+        "--hub-url",
+        envvar="JUPYTERHUB_API_URL",
+        default=None,
+        help="The hub's API URL (…/hub/api). Default: $JUPYTERHUB_API_URL, else the "
+        "configuration's public URL.",
+    ),
+    click.option(
+        "--token-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="File holding a hub API token. Default: $ZTLAB_TOKEN or $JUPYTERHUB_API_TOKEN.",
+    ),
+]
+
+
+def _hub_options(func: Any) -> Any:
+    for option in reversed(HUB_OPTIONS):
+        func = option(func)
+    return CONFIG_OPTION(func)
+
+
+def _hub(hub_url: str | None, token_file: Path | None, config_path: Path) -> Any:
+    from ztlab.extensions.datasets.client import HubRegistry
+
+    if token_file is not None:
+        token = token_file.read_text(encoding="utf-8").strip()
+    else:
+        token = os.environ.get("ZTLAB_TOKEN") or os.environ.get("JUPYTERHUB_API_TOKEN") or ""
+    if not token:
+        raise UsageError(
+            "no hub API token",
+            hint="make one on the hub's Token page and pass --token-file, or set ZTLAB_TOKEN",
+        )
+    if not hub_url:
+        from ztlab.common.config import load_config
+        from ztlab.hub.hubconfig import public_url
+
+        hub_url = public_url(load_config(config_path), "/hub/api")
+    return HubRegistry(hub_url, token)
+
+
+def _summary_lines(row: dict[str, Any]) -> list[str]:
+    return [
+        f"{row['ref']}",
+        f"  root       {row['algorithm']}:{row['root']}",
+        f"  files      {row['files']:,} ({row['bytes']:,} bytes)",
+        f"  source     {row['source']}",
+        f"  registered {row['registered_at']} by {row['registered_by']}",
+        f"  signed by  key {row['keyid'][:16]}…",
+    ]
+
+
+@data_group.command("register", short_help="Register NAME@VERSION (control plane signs it).")
+@click.argument("ref")
+@click.argument("path")
+@_hub_options
+@handle_errors
+def register_command(
+    ref: str, path: str, hub_url: str | None, token_file: Path | None, config_path: Path
+) -> None:
+    """Register dataset version REF (NAME@VERSION) from PATH, a directory on the hub's machine.
+
+    The control plane checks that you may (policy `register_dataset`), that PATH lies in a
+    storage root and that the version is new, fingerprints the files itself, signs the
+    manifest and records the registration in the audit log. Versions are immutable.
+    """
+    parse_dataset_ref(ref)
+    row = _hub(hub_url, token_file, config_path).register(ref, path)
+    click.echo("registered " + "\n".join(_summary_lines(row)))
+
+
+@data_group.command("list", short_help="List the dataset versions you may read.")
+@_hub_options
+@handle_errors
+def list_command(hub_url: str | None, token_file: Path | None, config_path: Path) -> None:
+    """List the registered dataset versions the policy lets you read."""
+    rows = _hub(hub_url, token_file, config_path).list()
+    if not rows:
+        click.echo("no dataset versions you may read")
+        return
+    width = max(len(r["ref"]) for r in rows)
+    for row in rows:
+        click.echo(
+            f"{row['ref']:<{width}}  {row['files']:>8,} files  {row['bytes']:>16,} bytes  "
+            f"{row['algorithm']}:{row['root'][:16]}…  {row['registered_at']}  "
+            f"{row['registered_by']}"
+        )
+
+
+@data_group.command("show", short_help="Show a version; verify its signed manifest.")
+@click.argument("ref")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the signed manifest (DSSE envelope JSON) to this file.",
+)
+@_hub_options
+@handle_errors
+def show_command(
+    ref: str,
+    out: Path | None,
+    hub_url: str | None,
+    token_file: Path | None,
+    config_path: Path,
+) -> None:
+    """Show dataset version REF and check its signature with the hub's public key."""
+    from ztlab.common.attest import Envelope, verify_signed_manifest
+
+    parse_dataset_ref(ref)
+    hub = _hub(hub_url, token_file, config_path)
+    row = hub.show(ref)
+    envelope = Envelope.from_dict(row["envelope"], source=f"the hub's answer for {ref}")
+    signed = verify_signed_manifest(envelope, hub.trusted_keys(), expected_ref=ref)
+    click.echo("\n".join(_summary_lines(row)))
+    click.echo(f"  signature  OK ({len(signed.manifest.entries):,} entries)")
+    if out is not None:
+        out.write_text(envelope.to_json(), encoding="utf-8")
+        click.echo(f"wrote {out}")
+
+
+@data_group.command("sign", short_help="Sign a manifest offline as NAME@VERSION.")
+@click.argument(
+    "manifest_path", metavar="MANIFEST", type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option("--ref", required=True, help="The dataset version, NAME@VERSION.")
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM private key (ECDSA P-256/P-384 or Ed25519), mode 0600.",
+)
+@click.option("--source", required=True, help="The directory the manifest describes.")
+@click.option("--by", "registered_by", default=None, help="Who registers it (default: $USER).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the signed manifest (DSSE envelope).",
+)
+@handle_errors
+def sign_command(
+    manifest_path: Path,
+    ref: str,
+    key_path: Path,
+    source: str,
+    registered_by: str | None,
+    out: Path,
+) -> None:
+    """Sign MANIFEST (from `ztlab data fingerprint`) with a key, without a control plane.
+
+    For offline and demonstration use (a local registry); in a deployment the control
+    plane fingerprints and signs at registration.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from ztlab.common.attest import sign_manifest
+    from ztlab.hub.audit.keys import read_private_key_file
+
+    manifest = load_manifest(manifest_path)
+    data = read_private_key_file(key_path, what="signing key")
+    try:
+        key = load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{key_path}: not an unencrypted PEM private key: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey | Ed25519PrivateKey):
+        raise UsageError(f"{key_path}: expected an ECDSA or Ed25519 key")
+    envelope = sign_manifest(
+        manifest,
+        ref,
+        key,
+        registered_by=registered_by or os.environ.get("USER", "unknown"),
+        source=os.path.realpath(source),
+    )
+    out.write_text(envelope.to_json(), encoding="utf-8")
+    click.echo(f"wrote {out}: {ref}, {manifest.algorithm} root {manifest.root}")
