@@ -149,6 +149,7 @@ allowed_networks = ["127.0.0.1/32"]
 ml-trainers = ["trainer"]
 model-approvers = ["approver"]
 data-stewards = ["data-steward"]
+viewers = ["viewer"]
 ztlab-admins = ["admin"]
 
 [secrets]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import stat
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.dataset_fixtures import LARGE_SIZE, SMALL_FILES, make_dataset
 from ztlab.common.errors import UsageError
 from ztlab.common.manifest import (
     FORMAT,
@@ -29,22 +29,6 @@ from ztlab.common.manifest import (
     root_digest,
     verify,
 )
-
-SMALL_FILES = 300
-LARGE_SIZE = 5 * 1024 * 1024  # above LARGE_FILE: hashed with update_mmap and every core
-
-
-def make_dataset(root: Path, *, seed: int = 7) -> None:
-    """~300 small files in nested directories, plus 3 files of a few MB."""
-    rng = random.Random(seed)
-    for index in range(SMALL_FILES):
-        path = root / f"shard-{index % 7}" / f"sub-{index % 3}" / f"item-{index:04d}.bin"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(rng.randrange(0, 4096)))
-    (root / "empty.txt").write_bytes(b"")
-    (root / "name with spaces é.txt").write_bytes(b"unicode name")
-    for index in range(3):
-        (root / f"large-{index}.bin").write_bytes(rng.randbytes(LARGE_SIZE + index * 1000))
 
 
 @pytest.fixture(scope="module")
