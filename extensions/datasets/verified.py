@@ -52,6 +52,30 @@ _STATE = threading.local()
 OPENED: dict[str, str] = {}
 _LOGGED: set[tuple[str, str]] = set()
 _PARALLEL_HASH = 1024 * 1024
+_PARALLEL_READ = 8 * 1024 * 1024
+
+
+def _allocate(size: int) -> Any:
+    """``size`` writable bytes, not zero-filled when pyarrow can allocate them."""
+    if size >= _PARALLEL_READ:
+        try:
+            import pyarrow
+        except ImportError:
+            pass
+        else:
+            return pyarrow.allocate_buffer(size)
+    return bytearray(size)
+
+
+def _fill(fd: int, view: memoryview, start: int, end: int) -> int:
+    """Read ``[start, end)`` of ``fd`` into ``view``; where it stopped (EOF: early)."""
+    done = start
+    while done < end:
+        count = os.preadv(fd, [view[done:end]], done)
+        if count == 0:
+            break
+        done += count
+    return done
 
 
 def inside_reader() -> bool:
@@ -205,21 +229,35 @@ class Dataset:
             )
         return fd, info
 
-    def _read_all(self, fd: int, size: int) -> bytearray:
-        buffer = bytearray(size)
+    def _read_all(self, fd: int, size: int) -> memoryview:
+        """The file's bytes in private memory: a copy no other process can change."""
+        buffer = _allocate(size)
         view = memoryview(buffer)
-        done = 0
-        while done < size:
-            count = os.readv(fd, [view[done:]])
-            if count == 0:
-                break
-            done += count
+        cores = os.cpu_count() or 1
+        if size >= _PARALLEL_READ and cores > 1:
+            # copying from the page cache is memory-bound: split it over the cores
+            step = -(-size // cores)
+            with ThreadPoolExecutor(max_workers=cores - 1) as pool:
+                parts = [
+                    pool.submit(_fill, fd, view, start, min(size, start + step))
+                    for start in range(step, size, step)
+                ]
+                ends = [_fill(fd, view, 0, min(size, step))] + [p.result() for p in parts]
+            bounds = [min(size, start + step) for start in range(0, size, step)]
+            done = size if ends == bounds else min(e for e, b in zip(ends, bounds, strict=True) if e < b)
+        else:
+            done = _fill(fd, view, 0, size)
+        more = os.pread(fd, 1, size) if done == size else b""
+        if done == size and not more:
+            return view
+        # the file changed size since fstat: read what is there now, as it is
+        data = bytearray(view[:done])
         view.release()
-        if done < size:
-            del buffer[done:]
-        while more := os.read(fd, 1024 * 1024):  # the file grew since fstat
-            buffer += more
-        return buffer
+        offset = done
+        while chunk := os.pread(fd, 1024 * 1024, offset):
+            data += chunk
+            offset += len(chunk)
+        return memoryview(data)
 
     def _verified(
         self,
@@ -244,9 +282,8 @@ class Dataset:
                     result = parse_path(f"/proc/self/fd/{fd}")
                     if _key(os.fstat(fd)) == known[:5]:
                         return result
-                buffer = self._read_all(fd, before.st_size)
+                view = self._read_all(fd, before.st_size)
                 after = os.fstat(fd)
-                view = memoryview(buffer)
                 with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ztlab-verify") as pool:
                     hashing = pool.submit(_digest, self.manifest.algorithm, view)
                     parsed: T | None = None
@@ -256,11 +293,11 @@ class Dataset:
                     except Exception as exc:
                         failure = exc
                     actual = hashing.result()
-                if actual != entry.digest or len(buffer) != entry.size:
+                if actual != entry.digest or len(view) != entry.size:
                     raise self._fail(
                         f"{self.ref}: {entry.path} does not match its signed manifest: "
                         f"expected {entry.size} bytes, {self.manifest.algorithm} "
-                        f"{entry.digest}; read {len(buffer)} bytes, {actual}",
+                        f"{entry.digest}; read {len(view)} bytes, {actual}",
                         kind="modified",
                         file=entry.path,
                         expected=entry.digest,

@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -400,3 +401,39 @@ def test_reads_inside_an_mlflow_run_record_the_dataset_input(
     )
     root = pristine[1].root
     assert out.strip() == f"{pub.ref} {root[:32]} {root} training"
+
+
+# -- the parallel copy of large files (in this process) ----------------------------------------
+
+
+@pytest.mark.parametrize("change", ["none", "flip-first", "flip-last", "truncate", "append"])
+def test_large_reads_in_parallel_keep_every_byte(tmp_path: Path, change: str) -> None:
+    from ztlab.common.attest import key_id, verify_signed_manifest
+    from ztlab.extensions.datasets import DatasetIntegrityError
+    from ztlab.extensions.datasets.verified import Dataset
+
+    root = tmp_path / "big"
+    root.mkdir()
+    data = os.urandom(24 * 1024 * 1024 + 3)  # over the parallel-read threshold, odd size
+    (root / "blob.bin").write_bytes(data)
+    envelope = sign_manifest(fingerprint(root), "big@1", KEY, registered_by="t", source=str(root))
+    signed = verify_signed_manifest(envelope, {key_id(KEY.public_key()): KEY.public_key()})
+    dataset = Dataset(signed, str(root))
+    if change == "none":
+        assert dataset.read_bytes("blob.bin") == data
+        return
+    blob = root / "blob.bin"
+    if change == "flip-first":
+        flip(blob, 0)
+    elif change == "flip-last":
+        flip(blob, len(data) - 1)
+    elif change == "truncate":
+        with blob.open("r+b") as handle:
+            handle.truncate(len(data) // 2)
+    else:
+        with blob.open("ab") as handle:
+            handle.write(b"!")
+    with pytest.raises(DatasetIntegrityError) as caught:
+        dataset.read_bytes("blob.bin")
+    assert caught.value.file == "blob.bin"
+    assert caught.value.actual == blake3.blake3(blob.read_bytes()).hexdigest()
