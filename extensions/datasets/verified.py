@@ -244,7 +244,11 @@ class Dataset:
                 ]
                 ends = [_fill(fd, view, 0, min(size, step))] + [p.result() for p in parts]
             bounds = [min(size, start + step) for start in range(0, size, step)]
-            done = size if ends == bounds else min(e for e, b in zip(ends, bounds, strict=True) if e < b)
+            done = (
+                size
+                if ends == bounds
+                else min(e for e, b in zip(ends, bounds, strict=True) if e < b)
+            )
         else:
             done = _fill(fd, view, 0, size)
         more = os.pread(fd, 1, size) if done == size else b""
