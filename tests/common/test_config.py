@@ -33,6 +33,7 @@ from ztlab.common.config import (
 )
 from ztlab.common.config.model import (
     AuditConfig,
+    DatasetsConfig,
     GpuConfig,
     GpuPool,
     HubConfig,
@@ -208,7 +209,7 @@ def test_default_roles_are_a_new_dict_each_time() -> None:
 # Exact messages, one problem each
 # --------------------------------------------------------------------------------------
 
-TOP_KEYS = "audit, gpu, groups, hub, login, policy, roles, sandbox, secrets, state_dir"
+TOP_KEYS = "audit, datasets, gpu, groups, hub, login, policy, roles, sandbox, secrets, state_dir"
 
 ONE_PROBLEM: list[tuple[str, str, str]] = [
     (
@@ -988,6 +989,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     RoleConfig,
     GpuConfig,
     GpuPool,
+    DatasetsConfig,
     SecretsConfig,
     SecretRef,
 ]
