@@ -94,14 +94,26 @@ max_gpus = 1
 [gpu.pools.research]
 gpus = ["0", "1"]
 roles = ["trainer"]
+
+[datasets]
+storage_roots = ["{shared}"]
 """
+    steward = {**_user("sara"), "groups": ["data-stewards"]}
     with running_stack(
         root,
         extra_config=extra,
-        extra_users={u: _user(u) for u in USERS},
+        extra_users={**{u: _user(u) for u in USERS}, "sara": steward},
         pool="10.214.0.0/16",
         table="ztlab_test_iso",
     ) as running:
+        # a registered version, before any server starts (mounts are granted at spawn)
+        registered = requests.post(
+            f"{running.hub_url}/hub/api/ztlab/datasets",
+            json={"ref": "mnist@1", "path": str(dataset)},
+            headers={"Authorization": f"token {_token(running, 'sara')}"},
+            timeout=60,
+        )
+        assert registered.status_code == 201, registered.text
         yield running
     shutil.rmtree(shared, ignore_errors=True)
     for node in made:
@@ -274,6 +286,36 @@ def test_datasets_are_read_only(servers: dict[str, Server]) -> None:
             print('refused', exc.errno)
     """)
     assert out.splitlines() == ["x,y", "refused 30"]  # EROFS
+
+
+def test_registered_dataset_is_mounted_and_verified_in_the_sandbox(
+    servers: dict[str, Server], stack: LoginStack
+) -> None:
+    """Through the hub API over internal TLS, with the key the spawner pinned."""
+    ivan = servers["ivan"]
+    out = ivan.run("""
+        import os, ztlab.datasets as zd
+        ds = zd.open('mnist@1')
+        print(ds.directory, ds.read_csv('train.csv').shape, bool(os.environ['ZTLAB_TRUSTED_KEYS']))
+        print(os.environ['JUPYTERHUB_API_URL'].startswith('https://'))
+    """)
+    assert out.splitlines() == ["/datasets/mnist@1 (1, 2) True", "True"]
+    since = stack.audit_size()
+    source = Path(stack.records("dataset.register")[0].detail["source"]) / "train.csv"
+    original = source.read_text()
+    try:
+        source.write_text("x,y\n1,3\n")  # poisoned on the host after registration
+        out = ivan.run("""
+            try:
+                ds.read_csv('train.csv')
+            except zd.DatasetIntegrityError as exc:
+                print('refused', exc.file)
+        """)
+        assert out == "refused train.csv"
+        record = stack.wait_record("dataset.verify.failed", actor="ivan", since=since)
+        assert record.detail["dataset"] == "mnist@1"
+    finally:
+        source.write_text(original)
 
 
 def test_gpu_fence_is_in_the_kernel_not_the_environment(servers: dict[str, Server]) -> None:
