@@ -115,8 +115,12 @@ def verify_signed_manifest(
         )
     predicate = statement.predicate
     dataset = predicate.get("dataset")
-    if not isinstance(dataset, dict):
-        raise SignatureError("the statement does not name its dataset")
+    if (
+        not isinstance(dataset, dict)
+        or not isinstance(dataset.get("name"), str)
+        or not isinstance(dataset.get("version"), str)
+    ):
+        raise SignatureError("the statement does not name its dataset (name and version)")
     ref = f"{dataset.get('name')}@{dataset.get('version')}"
     try:
         name, version = parse_dataset_ref(ref)

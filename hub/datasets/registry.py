@@ -130,6 +130,16 @@ _DDL: Final = (
     BEFORE DELETE ON dataset_versions
     BEGIN SELECT RAISE(ABORT, 'dataset versions are immutable'); END
     """,
+    # INSERT OR REPLACE deletes the old row without firing DELETE triggers (unless
+    # recursive_triggers is on), so an insert of an existing version is refused too.
+    """
+    CREATE TRIGGER IF NOT EXISTS dataset_versions_not_replaced
+    BEFORE INSERT ON dataset_versions
+    WHEN EXISTS (
+        SELECT 1 FROM dataset_versions WHERE name = NEW.name AND version = NEW.version
+    )
+    BEGIN SELECT RAISE(ABORT, 'dataset versions are immutable'); END
+    """,
 )
 
 _COLUMNS: Final = (
@@ -141,6 +151,13 @@ _COLUMNS: Final = (
 def _private_path(path: Path) -> None:
     """Create the database's directory (0700) and file (0600); refuse looser ones."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder = path.parent.stat()
+    if stat.S_IMODE(folder.st_mode) & 0o077 or folder.st_uid != os.geteuid():
+        raise RegistryError(
+            f"{path.parent}: the dataset registry's directory must be mode 0700 and owned by "
+            f"the control plane (found mode {stat.S_IMODE(folder.st_mode):04o})",
+            hint=f"chmod 700 {path.parent}",
+        )
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         info = os.fstat(fd)
@@ -204,7 +221,9 @@ class DatasetRegistry:
         if not Path(source).is_absolute():
             raise RegistryError(f"the dataset path {source!r} is not absolute")
         resolved = os.path.realpath(source)
-        inside = [r for r in self._roots if resolved == r or resolved.startswith(r + "/")]
+        inside = [
+            r for r in self._roots if resolved == r or resolved.startswith(r.rstrip("/") + "/")
+        ]
         if not inside:
             raise RegistryError(
                 f"{source} is outside the dataset storage roots",
@@ -308,12 +327,13 @@ class DatasetRegistry:
     def get(self, principal: Principal, ref: str) -> RegisteredDataset:
         """The version ``ref``, if the policy lets ``principal`` read it (decision audited)."""
         name, version = parse_dataset_ref(ref)
-        found = self._find(name, version)
-        if found is None:
-            raise DatasetNotFound(f"no dataset version {ref} is registered")
+        # the decision first, so that a caller who may not read cannot learn what exists
         decision = self._policy.authorize(principal, "read_dataset", f"dataset:{ref}")
         if not decision.allowed:
             raise RegistryDenied(f"{principal.name} may not read {ref}: {decision.reason}")
+        found = self._find(name, version)
+        if found is None:
+            raise DatasetNotFound(f"no dataset version {ref} is registered")
         return found
 
     def all_versions(self) -> list[RegisteredDataset]:
