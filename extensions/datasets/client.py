@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ztlab.common.attest import Envelope, PublicKey, key_id, public_key_from_pem
-from ztlab.common.errors import ZtlabError
 from ztlab.extensions.datasets.errors import DatasetError, RegistryUnavailable
 
 _PEM_END = "-----END PUBLIC KEY-----"
@@ -231,7 +230,6 @@ __all__ = [
     "HubRegistry",
     "LocalRegistry",
     "Registry",
-    "ZtlabError",
     "default_registry",
     "parse_pem_keys",
 ]
