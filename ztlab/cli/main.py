@@ -15,6 +15,7 @@ from ztlab.cli.config import config_group
 from ztlab.cli.data import data_group
 from ztlab.cli.hub import hub_command
 from ztlab.cli.k8s import k8s_group
+from ztlab.cli.model import model_group
 from ztlab.cli.policy import policy_group
 from ztlab.cli.up import down_command, up_command
 
@@ -33,6 +34,7 @@ cli.add_command(hub_command)
 cli.add_command(down_command)
 cli.add_command(k8s_group)
 cli.add_command(data_group)
+cli.add_command(model_group)
 
 
 def main() -> None:
