@@ -17,7 +17,6 @@ import click
 from ztlab.cli._errors import handle_errors
 from ztlab.cli.config import config_path
 from ztlab.common.config import load_config
-from ztlab.hub.k8s import K8sOptions, parse_egress_rule, parse_peer, write_files
 
 
 @click.group("k8s", short_help="Render roles, quotas and pools for Kubernetes.")
@@ -101,6 +100,8 @@ def render(
     """
     path = config_path(config)
     loaded = load_config(path)
+    from ztlab.hub.k8s import K8sOptions, parse_egress_rule, parse_peer, write_files
+
     options = K8sOptions(
         namespace=namespace,
         release=release,
