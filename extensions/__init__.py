@@ -13,7 +13,9 @@ def load_ipython_extension(ipython: Any) -> None:
     """Preloaded by the ``ztlab-secure`` kernel: make the sandbox's lease visible and flag
     dataset files read without verification (an audit hook; see ``ztlab.datasets``)."""
     from ztlab.extensions.datasets.hooks import install
+    from ztlab.extensions.models import configure_mlflow_tls
     from ztlab.extensions.session import session_info
 
     ipython.user_ns.setdefault("ztlab_session", session_info())
     install()
+    configure_mlflow_tls()

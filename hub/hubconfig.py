@@ -141,9 +141,21 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     auth.totp_max_failures = login.totp_max_failures
     auth.totp_lockout_seconds = login.totp_lockout_seconds
     roles = rbac_roles(sorted(config.roles))
+    services: list[dict[str, Any]] = []
+    if config.models.enabled:
+        # MLflow on 127.0.0.1 only; users and kernels reach it through /hub/api/ztlab/mlflow
+        from ztlab.hub.models.mlflow import server_command
+
+        store = private_dir(config.models_store)
+        auth.models_store = str(store)
+        auth.mlflow_url = f"http://127.0.0.1:{config.models.mlflow_port}"
+        auth.protected_aliases = list(config.models.protected_aliases)
+        services.append(
+            {"name": "mlflow", "command": server_command(store, config.models.mlflow_port)}
+        )
     if config.hub.cull_idle_seconds:
         # idle servers are stopped (and their GPU leases end) by jupyterhub-idle-culler
-        c.JupyterHub.services = [
+        services += [
             {
                 "name": "idle-culler",
                 "command": [
@@ -166,6 +178,7 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
                 "services": ["idle-culler"],
             }
         )
+    c.JupyterHub.services = services
     c.JupyterHub.load_roles = roles
 
     if config.policy_directory is not None:

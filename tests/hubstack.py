@@ -123,6 +123,7 @@ def write_config(
     issuer: str,
     secret_file: Path,
     extra: str = "",
+    models: bool = False,
 ) -> None:
     """A ztlab.toml for a test stack; ``extra`` is appended (whole TOML tables)."""
     path.write_text(
@@ -155,6 +156,10 @@ ztlab-admins = ["admin"]
 [secrets]
 oidc_client_secret = {{ file = "{secret_file}" }}
 
+[models]
+enabled = {"true" if models else "false"}
+mlflow_port = {free_port()}
+
 {extra}
 """
     )
@@ -168,6 +173,7 @@ def running_stack(
     extra_users: dict[str, dict[str, object]] | None = None,
     pool: str = "10.217.0.0/16",
     table: str = "ztlab_test_login",
+    models: bool = False,
 ) -> Iterator[LoginStack]:
     """Start provider, tampering proxy and hub under ``root``; stop them all on exit.
 
@@ -220,6 +226,7 @@ def running_stack(
         issuer=issuer,
         secret_file=secret_file,
         extra=f'[sandbox]\naddress_pool = "{pool}"\nfirewall_table = "{table}"\n{extra_config}',
+        models=models,
     )
     hub_log = root / "hub.log"
     ztlab = Path(sys.executable).with_name("ztlab")

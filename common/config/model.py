@@ -968,6 +968,43 @@ class GpuPool(_Model):
     )
 
 
+class ModelsConfig(_Model):
+    """``[models]``: the MLflow tracking server, model signing and approvals."""
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Run an MLflow tracking server as a hub-managed service, reachable only through "
+            "the hub's API with a hub token. Default: `true`. Example: `enabled = false`."
+        ),
+    )
+    mlflow_port: int = Field(
+        default=5001,
+        ge=1024,
+        le=65535,
+        description=(
+            "Port of the MLflow server on 127.0.0.1 (not reachable by users' servers; the "
+            "hub forwards to it). Default: `5001`. Example: `mlflow_port = 5500`."
+        ),
+    )
+    protected_aliases: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+$")]] = Field(
+        default_factory=lambda: ["production"],
+        description=(
+            "Registered-model aliases only the approval service may set or delete (through "
+            'MLflow\'s API they are refused for everyone). Default: `["production"]`. '
+            'Example: `protected_aliases = ["production", "staging"]`.'
+        ),
+    )
+    store: AbsPath | None = Field(
+        default=None,
+        description=(
+            "Directory of the MLflow database, artifacts, signatures and approvals (mode "
+            "0700). Default: `<state_dir>/mlflow`. "
+            'Example: `store = "/var/lib/ztlab/mlflow"`.'
+        ),
+    )
+
+
 class GpuConfig(_Model):
     """``[gpu]``: GPU pools."""
 
@@ -1040,6 +1077,10 @@ class ZtlabConfig(_Model):
         ),
     )
     gpu: GpuConfig = Field(default_factory=GpuConfig, description="GPU pools.")
+    models: ModelsConfig = Field(
+        default_factory=ModelsConfig,
+        description="MLflow behind the hub, signed models and two-person approvals.",
+    )
     datasets: DatasetsConfig = Field(
         default_factory=DatasetsConfig,
         description="The dataset registry: where datasets may come from, how they are signed.",
@@ -1098,6 +1139,11 @@ class ZtlabConfig(_Model):
     def dataset_registry_path(self) -> Path:
         """The registry database (default ``<state_dir>/datasets/registry.sqlite``)."""
         return self.datasets.registry or self.state_dir / "datasets" / "registry.sqlite"
+
+    @property
+    def models_store(self) -> Path:
+        """MLflow's database, artifacts, signatures (default ``<state_dir>/mlflow``)."""
+        return self.models.store or self.state_dir / "mlflow"
 
     @property
     def attestation_key_path(self) -> Path:

@@ -147,7 +147,8 @@ class HubRegistry:
                 context.load_cert_chain(cert, key)
         return cls(url, token, context=context)
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """``method`` ``API_URL + path`` with the hub token; the JSON answer."""
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(  # noqa: S310 - the hub's own API URL
             f"{self.api_url}{path}",
@@ -174,7 +175,7 @@ class HubRegistry:
 
     def fetch(self, ref: str) -> Candidate:
         """``GET /ztlab/datasets/REF`` (a policy decision on the hub, audited there)."""
-        answer = self._call("GET", f"/ztlab/datasets/{ref}")
+        answer = self.call("GET", f"/ztlab/datasets/{ref}")
         envelope = Envelope.from_dict(answer.get("envelope"), source=f"the hub's answer for {ref}")
         source = json.loads(envelope.payload).get("predicate", {}).get("source", "")
         return Candidate(
@@ -186,28 +187,28 @@ class HubRegistry:
         keys = _env_keys()
         if keys:
             return keys
-        answer = self._call("GET", "/ztlab/keys")
+        answer = self.call("GET", "/ztlab/keys")
         return parse_pem_keys(
             "".join(k["pem"] for k in answer.get("keys", [])), source="the hub's keys"
         )
 
     def report(self, ref: str, problem: dict[str, str]) -> None:
         """``POST /ztlab/datasets/REF/reports``; recorded in the audit log as the kernel's user."""
-        self._call("POST", f"/ztlab/datasets/{ref}/reports", problem)
+        self.call("POST", f"/ztlab/datasets/{ref}/reports", problem)
 
     def register(self, ref: str, path: str) -> dict[str, Any]:
         """``POST /ztlab/datasets``: the control plane fingerprints ``path`` and signs it."""
-        answer: dict[str, Any] = self._call("POST", "/ztlab/datasets", {"ref": ref, "path": path})
+        answer: dict[str, Any] = self.call("POST", "/ztlab/datasets", {"ref": ref, "path": path})
         return answer
 
     def list(self) -> list[dict[str, Any]]:
         """``GET /ztlab/datasets``: the versions this user may read."""
-        answer = self._call("GET", "/ztlab/datasets")
+        answer = self.call("GET", "/ztlab/datasets")
         return list(answer.get("datasets", []))
 
     def show(self, ref: str) -> dict[str, Any]:
         """``GET /ztlab/datasets/REF``: the summary and the envelope."""
-        answer: dict[str, Any] = self._call("GET", f"/ztlab/datasets/{ref}")
+        answer: dict[str, Any] = self.call("GET", f"/ztlab/datasets/{ref}")
         return answer
 
 

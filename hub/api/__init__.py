@@ -11,6 +11,15 @@ decision on the roles the identity provider granted at the last login or refresh
 
 from __future__ import annotations
 
-from ztlab.hub.api.datasets import DATA_SCOPE, api_handlers
+from typing import Any
+
+from ztlab.hub.api.datasets import DATA_SCOPE, dataset_handlers
+from ztlab.hub.api.models import model_handlers
+
+
+def api_handlers() -> list[tuple[str, Any]]:
+    """Every control-plane handler, relative to the hub prefix (``/hub``)."""
+    return [*dataset_handlers(), *model_handlers()]
+
 
 __all__ = ["DATA_SCOPE", "api_handlers"]

@@ -149,7 +149,7 @@ class KeysHandler(_ZtlabAPIHandler):
         self.reply({"keys": [{"keyid": key_id(key), "pem": public_key_pem(key)}]})
 
 
-def api_handlers() -> list[tuple[str, Any]]:
+def dataset_handlers() -> list[tuple[str, Any]]:
     """The handlers, relative to the hub prefix (``/hub``)."""
     return [
         (r"/api/ztlab/datasets", DatasetsHandler),

@@ -43,6 +43,7 @@ from ztlab.hub.login.totp import TotpStore
 if TYPE_CHECKING:
     from ztlab.hub.audit import AuditLog
     from ztlab.hub.datasets import DatasetRegistry
+    from ztlab.hub.models.service import ModelService
     from ztlab.hub.policy import PolicyEngine
 
 #: the nonce the current login's callback expects (set by the callback handler)
@@ -252,6 +253,34 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         """,
     )
 
+    models_store = Unicode(
+        "",
+        config=True,
+        help="""Directory of MLflow's database and artifacts, signatures and approvals.
+
+        Example: ``c.MFAOAuthenticator.models_store = "/var/lib/ztlab/mlflow"``. Added in 0.2.
+        """,
+    )
+
+    mlflow_url = Unicode(
+        "",
+        config=True,
+        help="""The MLflow server the hub forwards to (127.0.0.1 only).
+
+        Example: ``c.MFAOAuthenticator.mlflow_url = "http://127.0.0.1:5001"``. Added in 0.2.
+        """,
+    )
+
+    protected_aliases = List(
+        Unicode(),
+        ["production"],
+        config=True,
+        help="""Registered-model aliases only the approval service may move.
+
+        Example: ``c.MFAOAuthenticator.protected_aliases = ["production"]``. Added in 0.2.
+        """,
+    )
+
     dataset_storage_roots = List(
         Unicode(),
         config=True,
@@ -339,6 +368,7 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         self._totp: TotpStore | None = None
         self._policy: PolicyEngine | None = None
         self._registry: DatasetRegistry | None = None
+        self._models: ModelService | None = None
         self._pending: dict[str, PendingLogin] = {}
         self._networks = [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
 
@@ -407,6 +437,27 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
                 storage_roots=[Path(p) for p in self.dataset_storage_roots],
             )
         return self._registry
+
+    @property
+    def model_service(self) -> ModelService:
+        """Model signing and approvals, opened on first use."""
+        if self._models is None:
+            from ztlab.hub.attest import load_or_create_attestation_key
+            from ztlab.hub.models.mlflow import MlflowREST
+            from ztlab.hub.models.service import ModelService
+
+            if not self.models_store or not self.mlflow_url:
+                raise RuntimeError("MFAOAuthenticator.models_store and mlflow_url must be set")
+            self._models = ModelService(
+                store=Path(self.models_store),
+                mlflow=MlflowREST(self.mlflow_url),
+                key=load_or_create_attestation_key(Path(self.attestation_key)),
+                policy=self.policy_engine,
+                audit=self.audit,
+                datasets=self.dataset_registry_store,
+                protected_aliases=list(self.protected_aliases),
+            )
+        return self._models
 
     def record(self, actor: str, action: str, **detail: Any) -> None:
         """Queue one audit record (never blocks on disk)."""

@@ -34,6 +34,14 @@ class SpawnRefused(web.HTTPError):
         self.jupyterhub_message = message
 
 
+def mlflow_env(env: dict[str, str]) -> None:
+    """Point MLflow's client at the hub's authenticated endpoint, with the server's token."""
+    env["MLFLOW_TRACKING_URI"] = env["JUPYTERHUB_API_URL"].rstrip("/") + "/ztlab/mlflow"
+    env["MLFLOW_TRACKING_TOKEN"] = env.get("JUPYTERHUB_API_TOKEN", "")
+    if env.get("JUPYTERHUB_SSL_CLIENT_CA"):
+        env["MLFLOW_TRACKING_SERVER_CERT_PATH"] = env["JUPYTERHUB_SSL_CLIENT_CA"]
+
+
 class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
     """Start each user's server as a dedicated, unprivileged Unix account ``ztl-NAME``."""
 
@@ -77,6 +85,8 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
             from ztlab.common.attest import public_key_pem
 
             env["ZTLAB_TRUSTED_KEYS"] = public_key_pem(registry.public_key)
+        if getattr(self.authenticator, "mlflow_url", ""):
+            mlflow_env(env)
         return env
 
     async def start(self) -> Any:

@@ -293,6 +293,10 @@ class SandboxSpawner(DedicatedUserSpawner):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(_cuda_ids(plane, lease))
             env["ZTLAB_GPU_LEASE"] = lease.id
             env["ZTLAB_GPU_POOL"] = lease.pool
+        if "MLFLOW_TRACKING_URI" in env:
+            from ztlab.hub.spawner.dedicated import mlflow_env
+
+            mlflow_env(env)  # the API URL changed to the service address
         env["ZTLAB_DATASETS_MOUNT"] = "/datasets"  # registered versions at /datasets/NAME@VERSION
         gpu_nodes = [Path(f"/dev/nvidia{m}") for m in minors]
         extra = [Path("/dev/nvidiactl"), Path("/dev/nvidia-uvm"), Path("/dev/nvidia-uvm-tools")]

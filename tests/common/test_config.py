@@ -38,6 +38,7 @@ from ztlab.common.config.model import (
     GpuPool,
     HubConfig,
     LoginConfig,
+    ModelsConfig,
     PolicyConfig,
     RoleConfig,
     SandboxConfig,
@@ -209,7 +210,9 @@ def test_default_roles_are_a_new_dict_each_time() -> None:
 # Exact messages, one problem each
 # --------------------------------------------------------------------------------------
 
-TOP_KEYS = "audit, datasets, gpu, groups, hub, login, policy, roles, sandbox, secrets, state_dir"
+TOP_KEYS = (
+    "audit, datasets, gpu, groups, hub, login, models, policy, roles, sandbox, secrets, state_dir"
+)
 
 ONE_PROBLEM: list[tuple[str, str, str]] = [
     (
@@ -990,6 +993,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     GpuConfig,
     GpuPool,
     DatasetsConfig,
+    ModelsConfig,
     SecretsConfig,
     SecretRef,
 ]

@@ -1,0 +1,284 @@
+"""``/hub/api/ztlab/models`` and ``/hub/api/ztlab/mlflow``: signing, approvals, and MLflow.
+
+The MLflow tracking server listens on 127.0.0.1; users and kernels reach it here, with a hub
+token (MLflow's client sends ``MLFLOW_TRACKING_TOKEN`` as ``Authorization: Bearer``). The
+proxy:
+
+- refuses setting or deleting a protected alias for everyone (only the approval service,
+  which calls MLflow directly, moves them), recording ``model.alias.refused``;
+- lets only users the policy allows to ``register_model`` write (create runs, log, register);
+  everyone else with a token reads;
+- stamps runs and logged models with the authenticated user (``user_id``, ``mlflow.user``)
+  and remembers the owner; writes to another user's run or model artifacts are refused.
+
+=======  ==================================================  ================================
+method   path (under ``/hub/api/ztlab``)                      what
+=======  ==================================================  ================================
+POST     ``/models/NAME/VERSION/sign``                       sign (the trainer; lineage checked)
+GET      ``/models/NAME/VERSION``                            signature, trainer, approvals
+POST     ``/models/NAME/VERSION/approve``                    ``{"reason", "alias"}`` approve
+POST     ``/models/NAME/VERSION/reject``                     ``{"reason"}``
+POST     ``/models/NAME/aliases/ALIAS/revoke``               ``{"reason"}`` remove the alias
+GET      ``/models/NAME/aliases/ALIAS``                      the approved version and bundle
+*        ``/mlflow/...``                                     MLflow's REST API, authenticated
+=======  ==================================================  ================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+from typing import Any
+
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from ztlab.common.errors import ZtlabError
+from ztlab.hub.api.datasets import _ZtlabAPIHandler
+
+_NAME = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,127})"
+_VERSION = r"([0-9]{1,9})"
+_READ_POSTS = {
+    "api/2.0/mlflow/runs/search",
+    "api/2.0/mlflow/experiments/search",
+    "api/2.0/mlflow/logged-models/search",
+    "api/2.0/mlflow/experiments/get-by-name",
+}
+_HOP_HEADERS = {"connection", "transfer-encoding", "content-encoding", "content-length"}
+
+
+class _ModelsHandler(_ZtlabAPIHandler):
+    @property
+    def service(self) -> Any:
+        """The hub's model service."""
+        return self.authenticator.model_service
+
+    async def act(self, call: Any, *args: Any, status: int = 200) -> None:
+        """Run a service call in a thread; reply with its result or its error."""
+        try:
+            result = await asyncio.to_thread(call, *args)
+        except ZtlabError as error:
+            self.fail(error)
+            return
+        self.reply(result if result is not None else {"ok": True}, status)
+
+
+class SignHandler(_ModelsHandler):
+    """Sign a version (its trainer)."""
+
+    async def post(self, name: str, version: str) -> None:
+        """``POST .../sign``."""
+        principal = await self.principal()
+
+        def sign() -> dict[str, Any]:
+            signature = self.service.sign(principal, name, version)
+            return {"digest": signature.digest, "trainer": signature.trainer}
+
+        await self.act(sign, status=201)
+
+
+class VersionHandler(_ModelsHandler):
+    """A version's signature and approval history."""
+
+    async def get(self, name: str, version: str) -> None:
+        """``GET .../NAME/VERSION``."""
+        await self.principal()
+
+        def show() -> dict[str, Any]:
+            stored = self.service.signature(name, version)
+            return {
+                "signed": stored is not None,
+                "trainer": stored.trainer if stored else None,
+                "bundle": json.loads(stored.bundle) if stored else None,
+                "history": self.service.history(name, version),
+            }
+
+        await self.act(show)
+
+
+class DecisionHandler(_ModelsHandler):
+    """Approve or reject a version."""
+
+    async def post(self, name: str, version: str, action: str) -> None:
+        """``POST .../approve`` or ``.../reject`` with ``{"reason", "alias"}``."""
+        principal = await self.principal()
+        body = self.body()
+        reason = body.get("reason")
+        if not isinstance(reason, str) or not reason.strip():
+            raise web.HTTPError(400, 'Expected {"reason": "why"} (a reason is required).')
+        if action == "approve":
+            alias = body.get("alias") or self.service.protected_aliases[0]
+            await self.act(self.service.approve, principal, name, version, reason, alias)
+        else:
+            await self.act(self.service.reject, principal, name, version, reason)
+
+
+class AliasHandler(_ModelsHandler):
+    """The approved version behind an alias, with its bundle (for verified loading)."""
+
+    async def get(self, name: str, alias: str) -> None:
+        """``GET .../aliases/ALIAS``: 409 unless the approval service set it."""
+        await self.principal()
+
+        def resolve() -> dict[str, Any]:
+            from ztlab.hub.models.service import ModelServiceError
+
+            current = self.service.mlflow.alias(name, alias)
+            approved = self.service.approved_version(name, alias)
+            if current is None or approved is None:
+                raise ModelServiceError(f"{name}@{alias} is not approved", status=404)
+            version = str(current["version"])
+            if version != approved:
+                raise ModelServiceError(
+                    f"{name}@{alias} points at version {version}, but version {approved} is "
+                    "the approved one (the alias was moved outside the approval service)",
+                    status=409,
+                )
+            stored = self.service.signature(name, version)
+            return {
+                "version": version,
+                "bundle": json.loads(stored.bundle) if stored else None,
+                "history": self.service.history(name, version),
+            }
+
+        await self.act(resolve)
+
+    async def post(self, name: str, alias: str) -> None:
+        """``POST .../aliases/ALIAS/revoke`` (routed here with ``revoke``)."""
+        principal = await self.principal()
+        reason = self.body().get("reason")
+        if not isinstance(reason, str) or not reason.strip():
+            raise web.HTTPError(400, 'Expected {"reason": "why"} (a reason is required).')
+        await self.act(self.service.revoke, principal, name, alias, reason)
+
+
+class MlflowProxyHandler(_ModelsHandler):
+    """MLflow's REST API (and artifact service) behind the hub's authentication."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+    def check_xsrf_cookie(self) -> None:
+        """Token-authenticated API calls only (MLflow's client sends a bearer token)."""
+        if self.get_auth_token() is None:
+            super().check_xsrf_cookie()
+
+    async def _forward(self, path: str) -> None:
+        principal = await self.principal()
+        service = self.service
+        service.remember_roles(principal.name, principal.roles)
+        method = self.request.method or "GET"
+        query = dict(urllib.parse.parse_qsl(self.request.query))
+        body: Any = None
+        if self.request.body and "json" in self.request.headers.get("Content-Type", ""):
+            try:
+                body = json.loads(self.request.body)
+            except ValueError:
+                body = None
+        args = body if isinstance(body, dict) else {}
+
+        if path == "api/2.0/mlflow/registered-models/alias" and method in ("POST", "DELETE"):
+            alias = args.get("alias") or query.get("alias")
+            if alias in service.protected_aliases:
+                self.authenticator.audit.record(
+                    actor=principal.name,
+                    action="model.alias.refused",
+                    detail={"model": args.get("name") or query.get("name"), "alias": alias},
+                )
+                raise web.HTTPError(
+                    403, f"The alias {alias!r} is protected: only an approval sets or removes it."
+                )
+        writes = method not in ("GET", "HEAD") and path not in _READ_POSTS
+        if writes:
+            decision = self.authenticator.policy_engine.with_audit(None).authorize(
+                principal, "register_model", "model:mlflow@any"
+            )
+            if not decision.allowed:
+                raise web.HTTPError(403, f"{principal.name} may only read MLflow.")
+            owner_of = args.get("run_id") or query.get("run_id") or args.get("run_uuid")
+            parts = path.split("/")
+            if path.startswith("api/2.0/mlflow-artifacts/artifacts/") and len(parts) > 5:
+                owner_of = parts[6] if parts[5] == "models" and len(parts) > 6 else parts[5]
+            elif path.startswith("api/2.0/mlflow/logged-models/") and len(parts) > 4:
+                owner_of = parts[4]
+            if owner_of:
+                owner = service.run_owner(str(owner_of))
+                if owner is not None and owner != principal.name:
+                    raise web.HTTPError(403, f"{owner_of} belongs to {owner}.")
+        if path == "api/2.0/mlflow/runs/create" and isinstance(body, dict):
+            body["user_id"] = principal.name
+            body["tags"] = [t for t in body.get("tags", []) if t.get("key") != "mlflow.user"]
+            body["tags"].append({"key": "mlflow.user", "value": principal.name})
+
+        upstream = f"{service.mlflow.base_url}/{path}"
+        if self.request.query:
+            upstream += f"?{self.request.query}"
+        payload = json.dumps(body).encode() if isinstance(body, dict) else self.request.body
+        headers = {
+            k: v
+            for k, v in self.request.headers.get_all()
+            if k.lower() in ("content-type", "accept")
+        }
+        request = HTTPRequest(
+            upstream,
+            method=method,
+            body=payload if method in ("POST", "PUT", "PATCH") else None,
+            headers=headers,
+            request_timeout=600,
+            allow_nonstandard_methods=True,
+            decompress_response=False,
+        )
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        if response.code == 200 and method == "POST":
+            try:
+                answer = json.loads(response.body or b"{}")
+            except ValueError:
+                answer = {}
+            created = None
+            if path == "api/2.0/mlflow/runs/create":
+                created = answer.get("run", {}).get("info", {}).get("run_id")
+            elif path == "api/2.0/mlflow/logged-models":
+                created = answer.get("model", {}).get("info", {}).get("model_id")
+            if created:
+                service.record_run(str(created), principal.name)
+        self.set_status(response.code if response.code != 599 else 502)
+        for key, value in response.headers.get_all():
+            if key.lower() not in _HOP_HEADERS:
+                self.set_header(key, value)
+        self.finish(response.body or b"")
+
+    async def get(self, path: str) -> None:
+        """Forward."""
+        await self._forward(path)
+
+    async def head(self, path: str) -> None:
+        """Forward."""
+        await self._forward(path)
+
+    async def post(self, path: str) -> None:
+        """Forward."""
+        await self._forward(path)
+
+    async def put(self, path: str) -> None:
+        """Forward."""
+        await self._forward(path)
+
+    async def patch(self, path: str) -> None:
+        """Forward."""
+        await self._forward(path)
+
+    async def delete(self, path: str) -> None:
+        """Forward."""
+        await self._forward(path)
+
+
+def model_handlers() -> list[tuple[str, Any]]:
+    """The handlers, relative to the hub prefix (``/hub``)."""
+    return [
+        (rf"/api/ztlab/models/{_NAME}/{_VERSION}/sign", SignHandler),
+        (rf"/api/ztlab/models/{_NAME}/{_VERSION}/(approve|reject)", DecisionHandler),
+        (rf"/api/ztlab/models/{_NAME}/{_VERSION}", VersionHandler),
+        (rf"/api/ztlab/models/{_NAME}/aliases/([A-Za-z0-9_-]+)/revoke", AliasHandler),
+        (rf"/api/ztlab/models/{_NAME}/aliases/([A-Za-z0-9_-]+)", AliasHandler),
+        (r"/api/ztlab/mlflow/(.*)", MlflowProxyHandler),
+    ]

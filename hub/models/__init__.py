@@ -1,0 +1,3 @@
+"""Models: the MLflow tracking server behind the hub, signed model versions, approvals."""
+
+from __future__ import annotations

@@ -1,0 +1,228 @@
+"""Signed models and approvals with the real MLflow server behind the real hub.
+
+``alice`` trains (trainer), ``paul`` approves (approver), ``tess`` is both (for the
+two-person rule), ``sam`` registers datasets (steward), ``vera`` only views. Training runs
+in a real kernel with MLflow's own client pointed at the hub's authenticated endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.dataset_fixtures import add_tables
+from tests.hub.test_datasets_e2e import DataStack, _user
+from tests.hubstack import running_stack
+from tests.kernel_session import Kernel, secure_kernel
+from ztlab.common.attest import public_key_pem
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TRAIN = """
+import mlflow, ztlab.datasets as zd, ztlab.models as zm
+from sklearn.linear_model import LogisticRegression
+ds = zd.open('iris@1')
+with mlflow.start_run() as run:
+    frame = ds.read_parquet('tables/train.parquet')
+    {extra}
+    model = LogisticRegression().fit(frame[['x1', 'x2']], frame['label'])
+    mlflow.sklearn.log_model(model, name='model', registered_model_name={name!r})
+print('trained', run.info.run_id)
+"""
+
+
+@pytest.fixture(scope="module")
+def models_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataStack]:
+    root = tmp_path_factory.mktemp("models-stack")
+    store = root / "store"
+    (store / "iris" / "1").mkdir(parents=True)
+    add_tables(store / "iris" / "1", rows=400)
+    users = {
+        "sam": _user("sam", ["data-stewards"]),
+        "vera": _user("vera", ["viewers"]),
+        "paul": _user("paul", ["model-approvers"]),
+        "tess": _user("tess", ["ml-trainers", "model-approvers"]),
+    }
+    with running_stack(
+        root,
+        extra_config=f'\n[datasets]\nstorage_roots = ["{store}"]\n',
+        extra_users=users,
+        pool="10.222.0.0/16",
+        table="ztlab_test_models",
+        models=True,
+    ) as stack:
+        data = DataStack(stack, store)
+        deadline = time.monotonic() + 90
+        while data.call("alice", "GET", "/mlflow/health").status_code != 200:
+            assert time.monotonic() < deadline, stack.hub_log.read_text()[-3000:]
+            time.sleep(0.5)
+        answer = data.call(
+            "sam", "POST", "/datasets", {"ref": "iris@1", "path": str(store / "iris" / "1")}
+        )
+        assert answer.status_code == 201, answer.text
+        yield data
+
+
+def kernel_env(data: DataStack, user: str) -> dict[str, str]:
+    token = data.token(user)
+    pub = data.stack.state_dir / "keys" / "attest-p256.key.pub"
+    return {
+        "JUPYTERHUB_API_URL": data.api,
+        "JUPYTERHUB_API_TOKEN": token,
+        "MLFLOW_TRACKING_URI": f"{data.api}/ztlab/mlflow",
+        "MLFLOW_TRACKING_TOKEN": token,
+        "ZTLAB_TRUSTED_KEYS": pub.read_text(),
+        "ZTLAB_LOCAL_REGISTRY": "",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+
+
+@pytest.fixture(scope="module")
+def alice(models_stack: DataStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
+    with secure_kernel(tmp_path_factory.mktemp("alice"), kernel_env(models_stack, "alice")) as k:
+        yield k
+
+
+def artifacts(data: DataStack, name: str, version: str) -> Path:
+    """The model version's files in the hub's artifact store."""
+    found = sorted((data.stack.state_dir / "mlflow" / "artifacts").glob("*/models/m-*/artifacts"))
+    answer = data.call(
+        "alice", "GET", f"/mlflow/api/2.0/mlflow/model-versions/get?name={name}&version={version}"
+    ).json()
+    model_id = answer["model_version"]["source"].removeprefix("models:/")
+    (match,) = [path for path in found if path.parent.name == model_id]
+    return match
+
+
+def test_train_sign_approve_load(models_stack: DataStack, alice: Kernel) -> None:
+    data, stack = models_stack, models_stack.stack
+    out = alice.ok(TRAIN.format(name="churn", extra=""), timeout=240)
+    assert "trained" in out
+    signed = alice.ok("print(zm.sign('churn', 1))")
+    assert "'trainer': 'alice'" in signed
+    record = stack.wait_record("model.sign", actor="alice")
+    assert record.detail["datasets"][0]["dataset"] == "iris@1"
+    # a user cannot move the protected alias through MLflow's API, whoever they are
+    for user in ("alice", "paul"):
+        moved = data.call(
+            user,
+            "POST",
+            "/mlflow/api/2.0/mlflow/registered-models/alias",
+            {"name": "churn", "alias": "production", "version": "1"},
+        )
+        assert moved.status_code == 403
+    stack.wait_record("model.alias.refused", actor="paul")
+    # only an approver who is not the trainer approves
+    assert data.call("sam", "POST", "/models/churn/1/approve", {"reason": "ok"}).status_code == 403
+    approved = data.call("paul", "POST", "/models/churn/1/approve", {"reason": "reviewed eval"})
+    assert approved.status_code == 200, approved.text
+    stack.wait_record("model.approve", actor="paul")
+    out = alice.ok(
+        "m = zm.load('models:/churn@production', flavor='sklearn')\n"
+        "print(type(m).__name__, m.predict(frame[['x1', 'x2']].head(3)).shape)",
+        timeout=120,
+    )
+    assert out.strip() == "LogisticRegression (3,)"
+
+
+def test_tampered_artifacts_are_refused_at_approval_and_at_load(
+    models_stack: DataStack, alice: Kernel
+) -> None:
+    data, stack = models_stack, models_stack.stack
+    alice.ok(TRAIN.format(name="fraud", extra=""), timeout=240)
+    alice.ok("zm.sign('fraud', 1)")
+    files = artifacts(data, "fraud", "1")
+    target = next(p for p in files.iterdir() if p.name.startswith("model."))
+    original = target.read_bytes()
+    target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    refused = data.call("paul", "POST", "/models/fraud/1/approve", {"reason": "looks fine"})
+    assert refused.status_code == 409
+    assert target.name in refused.json()["message"]
+    stack.wait_record("model.approve.refused", actor="paul")
+    target.write_bytes(original)
+    assert data.call("paul", "POST", "/models/fraud/1/approve", {"reason": "ok"}).status_code == 200
+    (files / "extra.py").write_text("import os  # added after approval")
+    try:
+        outcome = alice.run("zm.load('models:/fraud@production', flavor='sklearn')")
+        assert outcome.ename == "ModelIntegrityError"
+        assert "extra.py" in (outcome.evalue or "")
+    finally:
+        (files / "extra.py").unlink()
+    # a bundle checked against another key is refused
+    other = public_key_pem(ec.generate_private_key(ec.SECP256R1()).public_key())
+    alice.ok(
+        "import os; saved = os.environ['ZTLAB_TRUSTED_KEYS']\n"
+        f"os.environ['ZTLAB_TRUSTED_KEYS'] = {other!r}"
+    )
+    try:
+        outcome = alice.run("zm.load('models:/fraud@production', flavor='sklearn')")
+        assert outcome.ename == "SignatureError"
+    finally:
+        alice.ok("os.environ['ZTLAB_TRUSTED_KEYS'] = saved")
+
+
+def test_self_approval_is_refused(models_stack: DataStack, tmp_path: Path) -> None:
+    data, stack = models_stack, models_stack.stack
+    with secure_kernel(tmp_path, kernel_env(data, "tess")) as tess:
+        tess.ok(TRAIN.format(name="selfie", extra=""), timeout=240)
+        tess.ok("zm.sign('selfie', 1)")
+    answer = data.call("tess", "POST", "/models/selfie/1/approve", {"reason": "mine, trust me"})
+    assert answer.status_code == 403
+    assert "two-person" in answer.json()["message"]
+    stack.wait_record("model.approve.refused", actor="tess")
+
+
+def test_unregistered_or_forged_lineage_is_refused(models_stack: DataStack, alice: Kernel) -> None:
+    stack = models_stack.stack
+    alice.ok(
+        TRAIN.format(
+            name="leaky", extra="mlflow.log_input(mlflow.data.from_pandas(frame, name='raw'))"
+        ),
+        timeout=240,
+    )
+    outcome = alice.run("zm.sign('leaky', 1)")
+    assert outcome.status == "error"
+    assert "not a registered dataset" in (outcome.evalue or "")
+    forged = (
+        "from mlflow.data.meta_dataset import MetaDataset\n"
+        "    from mlflow.data.sources import LocalArtifactDatasetSource\n"
+        "    mlflow.log_input(MetaDataset(LocalArtifactDatasetSource('/x'), name='iris@1', "
+        "digest='0'*32), tags={'ztlab.dataset': 'iris@1', 'ztlab.root': '0'*64})"
+    )
+    alice.ok(TRAIN.format(name="forged", extra=forged), timeout=240)
+    outcome = alice.run("zm.sign('forged', 1)")
+    assert "registered root" in (outcome.evalue or "")
+    stack.wait_record("model.sign.refused", actor="alice")
+
+
+def test_only_writers_write_and_only_to_their_own_runs(
+    models_stack: DataStack, alice: Kernel
+) -> None:
+    data = models_stack
+    created = data.call("vera", "POST", "/mlflow/api/2.0/mlflow/experiments/create", {"name": "v"})
+    assert created.status_code == 403
+    run_id = alice.ok(
+        "import mlflow\nwith mlflow.start_run() as own:\n    pass\nprint(own.info.run_id)"
+    ).split()[-1]  # MLflow prints links to the run first
+    with_tess = data.call(
+        "tess",
+        "POST",
+        "/mlflow/api/2.0/mlflow/runs/log-metric",
+        {"run_id": run_id, "key": "accuracy", "value": 1.0, "timestamp": 0, "step": 0},
+    )
+    assert with_tess.status_code == 403, with_tess.text
+    assert "belongs to alice" in with_tess.json()["message"]
+    listed = data.call(
+        "vera", "POST", "/mlflow/api/2.0/mlflow/experiments/search", {"max_results": 10}
+    )
+    assert listed.status_code == 200
+    # no token, no MLflow
+    bare = requests.get(f"{data.api}/ztlab/mlflow/api/2.0/mlflow/experiments/search", timeout=10)
+    assert bare.status_code == 403
+    assert os.environ.get("MLFLOW_TRACKING_URI") is None

@@ -1,0 +1,7 @@
+"""``ztlab.models``: sign registered model versions and load approved ones, verified."""
+
+from __future__ import annotations
+
+from ztlab.extensions.models import ModelIntegrityError, load, sign
+
+__all__ = ["ModelIntegrityError", "load", "sign"]
