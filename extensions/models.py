@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,19 @@ class ModelIntegrityError(VerificationError):
     """A model's files or signature do not verify; nothing was deserialised."""
 
 
+class ModelRefused(UsageError):
+    """The control plane refused: not signed, not approved, not allowed."""
+
+
+def _ask(hub: HubRegistry, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    from ztlab.extensions.datasets.errors import DatasetError
+
+    try:
+        return hub.call(method, path, body)
+    except DatasetError as exc:  # the client's name for a 4xx answer
+        raise ModelRefused(exc.message, hint=exc.hint) from exc
+
+
 def _hub() -> HubRegistry:
     if not (os.environ.get("JUPYTERHUB_API_URL") and os.environ.get("JUPYTERHUB_API_TOKEN")):
         raise UsageError("not in a ztlab server: JUPYTERHUB_API_URL / _TOKEN are unset")
@@ -36,7 +50,7 @@ def _hub() -> HubRegistry:
 
 def sign(name: str, version: str | int) -> dict[str, Any]:
     """Ask the control plane to sign ``name`` version ``version`` (you must be its trainer)."""
-    answer: dict[str, Any] = _hub().call("POST", f"/ztlab/models/{name}/{version}/sign", {})
+    answer: dict[str, Any] = _ask(_hub(), "POST", f"/ztlab/models/{name}/{version}/sign", {})
     return answer
 
 
@@ -50,7 +64,7 @@ def load(uri: str, *, flavor: str = "pyfunc") -> Any:
         raise UsageError(f"bad model URI {uri!r}", hint="expected models:/NAME@ALIAS")
     name, alias = match.groups()
     hub = _hub()
-    answer = hub.call("GET", f"/ztlab/models/{name}/aliases/{alias}")
+    answer = _ask(hub, "GET", f"/ztlab/models/{name}/aliases/{alias}")
     version, bundle = str(answer["version"]), answer.get("bundle")
     if not bundle:
         raise ModelIntegrityError(f"{name} version {version} has no signature")
@@ -62,15 +76,21 @@ def load(uri: str, *, flavor: str = "pyfunc") -> Any:
     mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=local)
     # MLflow's client writes this note (name and version) into every registry download
     (local / "registered_model_meta").unlink(missing_ok=True)
-    envelope = parse_bundle(json.dumps(bundle), source=f"the signature of {name} {version}")
-    check = verify_model(local, envelope, keys)
+    try:
+        envelope = parse_bundle(json.dumps(bundle), source=f"the signature of {name} {version}")
+        check = verify_model(local, envelope, keys)
+    except VerificationError:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
     extra = check.signature.extra
     if extra.get("model") != name or str(extra.get("version")) != version:
+        shutil.rmtree(local, ignore_errors=True)
         raise ModelIntegrityError(
             f"the signature is for {extra.get('model')} version {extra.get('version')}, "
             f"not {name} version {version}"
         )
     if not check.ok:
+        shutil.rmtree(local, ignore_errors=True)
         changed = [m[0] for m in check.modified] + check.missing + check.extra
         changed += [r.path for r in check.refused]
         raise ModelIntegrityError(

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ztlab.extensions.models import ModelIntegrityError, load, sign
+from ztlab.extensions.models import ModelIntegrityError, ModelRefused, load, sign
 
-__all__ = ["ModelIntegrityError", "load", "sign"]
+__all__ = ["ModelIntegrityError", "ModelRefused", "load", "sign"]

@@ -125,7 +125,11 @@ class MlflowREST:
         try:
             answer = self.call("GET", "registered-models/alias", {"name": name, "alias": alias})
         except MlflowError as exc:
-            if exc.status == 404:
+            if (
+                exc.status == 404
+                or exc.code == "RESOURCE_DOES_NOT_EXIST"
+                or ("not found" in exc.message)
+            ):
                 return None
             raise
         return dict(answer["model_version"])

@@ -8,6 +8,9 @@ in a real kernel with MLflow's own client pointed at the hub's authenticated end
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +132,28 @@ def test_train_sign_approve_load(models_stack: DataStack, alice: Kernel) -> None
         timeout=120,
     )
     assert out.strip() == "LogisticRegression (3,)"
+    # the command line: status, then revoke; a revoked alias no longer loads
+    token = Path(tempfile.mkdtemp()) / "paul.token"
+    token.write_text(data.token("paul"))
+    ztlab = [str(Path(sys.executable).with_name("ztlab")), "model"]
+    hub = ["--hub-url", data.api, "--token-file", str(token)]
+    shown = subprocess.run(
+        [*ztlab, "status", "churn", "1", *hub], capture_output=True, text=True, timeout=60
+    )
+    assert "signed; trained by alice" in shown.stdout, shown.stderr
+    assert "dataset iris@1" in shown.stdout
+    assert "approve production by paul: reviewed eval" in shown.stdout
+    revoked = subprocess.run(
+        [*ztlab, "revoke", "churn", "production", "--reason", "drift", *hub],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    stack.wait_record("model.revoke", actor="paul")
+    outcome = alice.run("zm.load('models:/churn@production', flavor='sklearn')")
+    assert outcome.ename == "ModelRefused"
+    assert "not approved" in (outcome.evalue or "")
 
 
 def test_tampered_artifacts_are_refused_at_approval_and_at_load(

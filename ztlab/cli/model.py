@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -143,3 +145,126 @@ def verify_command(directory: Path, bundle_path: Path, public_keys: tuple[Path, 
         f"{len(check.extra)} extra, {len(check.refused)} refused"
     )
     sys.exit(1)
+
+
+# -- approvals through the hub ---------------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _hub_options(func: F) -> F:
+    from ztlab.cli.data import _hub_options as options
+
+    return cast(F, options(func))
+
+
+def _call(
+    hub: tuple[str | None, Path | None, Path],
+    method: str,
+    path: str,
+    body: dict[str, object] | None = None,
+) -> Any:
+    from ztlab.cli.data import _hub
+
+    return _hub(*hub).call(method, path, body)
+
+
+@model_group.command("status", short_help="Show a version's signature and approvals.")
+@click.argument("name")
+@click.argument("version")
+@_hub_options
+@handle_errors
+def status_command(
+    name: str, version: str, hub_url: str | None, token_file: Path | None, config_path: Path
+) -> None:
+    """Show NAME VERSION: signed or not, trainer, datasets, and every approval decision."""
+    answer = _call((hub_url, token_file, config_path), "GET", f"/ztlab/models/{name}/{version}")
+    if not answer["signed"]:
+        click.echo(f"{name} {version}: not signed")
+    else:
+        statement = json.loads(bundle_payload(answer["bundle"]))
+        datasets = statement["predicate"].get("ztlab", {}).get("datasets", [])
+        click.echo(f"{name} {version}: signed; trained by {answer['trainer']}")
+        for item in datasets:
+            click.echo(f"  dataset {item['dataset']} root {item['root'][:16]}…")
+    for event in answer["history"]:
+        alias = f" {event['alias']}" if event["alias"] else ""
+        click.echo(f"  {event['action']}{alias} by {event['actor']}: {event['reason']}")
+
+
+@model_group.command(
+    "approve", short_help="Approve a signed version (two-person rule) and set the alias."
+)
+@click.argument("name")
+@click.argument("version")
+@click.option("--reason", required=True, help="Why (recorded in the audit log).")
+@click.option("--alias", default=None, help="The protected alias to set. Default: the first.")
+@_hub_options
+@handle_errors
+def approve_command(
+    name: str,
+    version: str,
+    reason: str,
+    alias: str | None,
+    hub_url: str | None,
+    token_file: Path | None,
+    config_path: Path,
+) -> None:
+    """Approve NAME VERSION: the hub re-verifies the signature against the artifacts as they
+    are now, re-checks lineage, asks the policy (an approver who is not the trainer) and sets
+    the protected alias."""
+    body: dict[str, object] = {"reason": reason}
+    if alias:
+        body["alias"] = alias
+    _call(
+        (hub_url, token_file, config_path), "POST", f"/ztlab/models/{name}/{version}/approve", body
+    )
+    click.echo(f"approved {name} version {version}")
+
+
+@model_group.command("reject", short_help="Reject a version, with a reason.")
+@click.argument("name")
+@click.argument("version")
+@click.option("--reason", required=True, help="Why (recorded in the audit log).")
+@_hub_options
+@handle_errors
+def reject_command(
+    name: str,
+    version: str,
+    reason: str,
+    hub_url: str | None,
+    token_file: Path | None,
+    config_path: Path,
+) -> None:
+    """Record that NAME VERSION is rejected (an approver who is not the trainer)."""
+    _call(
+        (hub_url, token_file, config_path),
+        "POST",
+        f"/ztlab/models/{name}/{version}/reject",
+        {"reason": reason},
+    )
+    click.echo(f"rejected {name} version {version}")
+
+
+@model_group.command("revoke", short_help="Remove a protected alias, with a reason.")
+@click.argument("name")
+@click.argument("alias")
+@click.option("--reason", required=True, help="Why (recorded in the audit log).")
+@_hub_options
+@handle_errors
+def revoke_command(
+    name: str,
+    alias: str,
+    reason: str,
+    hub_url: str | None,
+    token_file: Path | None,
+    config_path: Path,
+) -> None:
+    """Remove the protected ALIAS of NAME (an approver); loading it fails from then on."""
+    _call(
+        (hub_url, token_file, config_path),
+        "POST",
+        f"/ztlab/models/{name}/aliases/{alias}/revoke",
+        {"reason": reason},
+    )
+    click.echo(f"revoked {name}@{alias}")
