@@ -126,7 +126,8 @@ class Dataset:
         self.url = url
         self._registry = registry
         self._entries = signed.manifest.by_path()
-        OPENED[self.directory] = self.ref
+        if registry is not None:  # a scratch copy checked by hand is not a dataset in use
+            OPENED[self.directory] = self.ref
 
     def __repr__(self) -> str:
         return (

@@ -29,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.parse
-from typing import Any
+from typing import Any, cast
 
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httputil import HTTPHeaders, parse_response_start_line
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from ztlab.common.errors import ZtlabError
 from ztlab.hub.api.datasets import _ZtlabAPIHandler
@@ -153,6 +155,14 @@ class AliasHandler(_ModelsHandler):
         await self.act(self.service.revoke, principal, name, alias, reason)
 
 
+_ARTIFACTS = "api/2.0/mlflow-artifacts/artifacts/"
+#: largest JSON request the proxy buffers; artifact uploads are streamed instead
+_MAX_BUFFERED = 64 * 1024 * 1024
+#: largest artifact upload (streamed through, never held in memory)
+_MAX_ARTIFACT = 256 * 1024**3
+
+
+@web.stream_request_body
 class MlflowProxyHandler(_ModelsHandler):
     """MLflow's REST API (and artifact service) behind the hub's authentication."""
 
@@ -163,20 +173,64 @@ class MlflowProxyHandler(_ModelsHandler):
         if self.get_auth_token() is None:
             super().check_xsrf_cookie()
 
-    async def _forward(self, path: str) -> None:
+    async def prepare(self) -> None:
+        """Authenticate; an artifact upload is checked now and streamed to MLflow."""
+        await super().prepare()
+        self._buffer = bytearray()
+        self._queue: asyncio.Queue[bytes | None] | None = None
+        self._upload: Any = None
+        path = self.path_args[0] if self.path_args else ""
+        if self.request.method != "PUT" or not path.startswith(_ARTIFACTS):
+            return
         principal = await self.principal()
-        service = self.service
-        service.remember_roles(principal.name, principal.roles)
-        method = self.request.method or "GET"
-        query = dict(urllib.parse.parse_qsl(self.request.query))
-        body: Any = None
-        if self.request.body and "json" in self.request.headers.get("Content-Type", ""):
-            try:
-                body = json.loads(self.request.body)
-            except ValueError:
-                body = None
-        args = body if isinstance(body, dict) else {}
+        self._guard(principal, "PUT", path, {}, {})
+        self.request.connection.set_max_body_size(_MAX_ARTIFACT)
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
+        self._queue = queue
 
+        async def produce(write: Any) -> None:
+            while (chunk := await queue.get()) is not None:
+                await write(chunk)
+
+        headers = {"Content-Type": self.request.headers.get("Content-Type", "")}
+        if "Content-Length" in self.request.headers:
+            headers["Content-Length"] = self.request.headers["Content-Length"]
+        self._upload = asyncio.ensure_future(
+            AsyncHTTPClient().fetch(
+                HTTPRequest(
+                    self._upstream(path),
+                    method="PUT",
+                    body_producer=cast(Any, produce),
+                    headers=headers,
+                    request_timeout=3600,
+                ),
+                raise_error=False,
+            )
+        )
+
+    async def data_received(self, chunk: bytes) -> None:
+        """Stream an upload on; buffer anything else (up to 64 MiB)."""
+        if self._queue is not None:
+            await self._queue.put(chunk)
+            return
+        self._buffer += chunk
+        if len(self._buffer) > _MAX_BUFFERED:
+            raise web.HTTPError(413, "Request too large for the MLflow API.")
+
+    def _upstream(self, path: str) -> str:
+        url = f"{self.service.mlflow.base_url}/{path}"
+        return f"{url}?{self.request.query}" if self.request.query else url
+
+    def _guard(
+        self,
+        principal: Any,
+        method: str,
+        path: str,
+        args: dict[str, Any],
+        query: dict[str, str],
+    ) -> None:
+        """Refuse protected aliases, writes by readers, and writes to others' runs."""
+        service = self.service
         if path == "api/2.0/mlflow/registered-models/alias" and method in ("POST", "DELETE"):
             alias = args.get("alias") or query.get("alias")
             if alias in service.protected_aliases:
@@ -188,39 +242,58 @@ class MlflowProxyHandler(_ModelsHandler):
                 raise web.HTTPError(
                     403, f"The alias {alias!r} is protected: only an approval sets or removes it."
                 )
-        writes = method not in ("GET", "HEAD") and path not in _READ_POSTS
-        if writes:
-            decision = self.authenticator.policy_engine.with_audit(None).authorize(
-                principal, "register_model", "model:mlflow@any"
-            )
-            if not decision.allowed:
-                raise web.HTTPError(403, f"{principal.name} may only read MLflow.")
-            owner_of = args.get("run_id") or query.get("run_id") or args.get("run_uuid")
-            parts = path.split("/")
-            if path.startswith("api/2.0/mlflow-artifacts/artifacts/") and len(parts) > 5:
-                owner_of = parts[6] if parts[5] == "models" and len(parts) > 6 else parts[5]
-            elif path.startswith("api/2.0/mlflow/logged-models/") and len(parts) > 4:
-                owner_of = parts[4]
-            if owner_of:
-                owner = service.run_owner(str(owner_of))
-                if owner is not None and owner != principal.name:
-                    raise web.HTTPError(403, f"{owner_of} belongs to {owner}.")
+        if method in ("GET", "HEAD") or path in _READ_POSTS:
+            return
+        decision = self.authenticator.policy_engine.with_audit(None).authorize(
+            principal, "register_model", "model:mlflow@any"
+        )
+        if not decision.allowed:
+            raise web.HTTPError(403, f"{principal.name} may only read MLflow.")
+        owner_of = args.get("run_id") or query.get("run_id") or args.get("run_uuid")
+        parts = path.split("/")
+        if path.startswith(_ARTIFACTS) and len(parts) > 5:
+            owner_of = parts[6] if parts[5] == "models" and len(parts) > 6 else parts[5]
+        elif path.startswith("api/2.0/mlflow/logged-models/") and len(parts) > 4:
+            owner_of = parts[4]
+        if owner_of:
+            owner = service.run_owner(str(owner_of))
+            if owner is not None and owner != principal.name:
+                raise web.HTTPError(403, f"{owner_of} belongs to {owner}.")
+
+    def _relay(self, response: Any) -> None:
+        self.set_status(response.code if response.code != 599 else 502)
+        for key, value in response.headers.get_all():
+            if key.lower() not in _HOP_HEADERS:
+                self.set_header(key, value)
+        self.finish(response.body or b"")
+
+    async def _forward(self, path: str) -> None:
+        principal = await self.principal()
+        service = self.service
+        service.remember_roles(principal.name, principal.roles)
+        method = self.request.method or "GET"
+        query = dict(urllib.parse.parse_qsl(self.request.query))
+        raw = bytes(self._buffer)
+        body: Any = None
+        if raw and "json" in self.request.headers.get("Content-Type", ""):
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+        args = body if isinstance(body, dict) else {}
+        self._guard(principal, method, path, args, query)
         if path == "api/2.0/mlflow/runs/create" and isinstance(body, dict):
             body["user_id"] = principal.name
             body["tags"] = [t for t in body.get("tags", []) if t.get("key") != "mlflow.user"]
             body["tags"].append({"key": "mlflow.user", "value": principal.name})
-
-        upstream = f"{service.mlflow.base_url}/{path}"
-        if self.request.query:
-            upstream += f"?{self.request.query}"
-        payload = json.dumps(body).encode() if isinstance(body, dict) else self.request.body
+        payload = json.dumps(body).encode() if isinstance(body, dict) else raw
         headers = {
             k: v
             for k, v in self.request.headers.get_all()
             if k.lower() in ("content-type", "accept")
         }
         request = HTTPRequest(
-            upstream,
+            self._upstream(path),
             method=method,
             body=payload if method in ("POST", "PUT", "PATCH") else None,
             headers=headers,
@@ -241,15 +314,56 @@ class MlflowProxyHandler(_ModelsHandler):
                 created = answer.get("model", {}).get("info", {}).get("model_id")
             if created:
                 service.record_run(str(created), principal.name)
-        self.set_status(response.code if response.code != 599 else 502)
-        for key, value in response.headers.get_all():
-            if key.lower() not in _HOP_HEADERS:
-                self.set_header(key, value)
-        self.finish(response.body or b"")
+        self._relay(response)
 
     async def get(self, path: str) -> None:
-        """Forward."""
+        """Forward; an artifact download is streamed back, never held in memory."""
+        if path.startswith(_ARTIFACTS):
+            await self._download(path)
+            return
         await self._forward(path)
+
+    async def _download(self, path: str) -> None:
+        principal = await self.principal()
+        self._guard(principal, "GET", path, {}, {})
+        started = False
+        status: list[Any] = []
+        headers = HTTPHeaders()
+
+        def on_header(line: str) -> None:
+            if not status:
+                status.append(parse_response_start_line(line.strip()))
+            elif line.strip():
+                headers.parse_line(line)
+
+        def on_chunk(chunk: bytes) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                self.set_status(status[0].code if status else 200)
+                for key, value in headers.get_all():
+                    if key.lower() not in _HOP_HEADERS:
+                        self.set_header(key, value)
+            self.write(chunk)
+            self.flush()
+
+        client = SimpleAsyncHTTPClient(force_instance=True, max_body_size=_MAX_ARTIFACT)
+        try:
+            response = await client.fetch(
+                HTTPRequest(
+                    self._upstream(path),
+                    header_callback=on_header,
+                    streaming_callback=on_chunk,
+                    request_timeout=3600,
+                    decompress_response=False,
+                ),
+                raise_error=False,
+            )
+        finally:
+            client.close()
+        if not started:
+            self.set_status(response.code if response.code != 599 else 502)
+        self.finish()
 
     async def head(self, path: str) -> None:
         """Forward."""
@@ -260,7 +374,11 @@ class MlflowProxyHandler(_ModelsHandler):
         await self._forward(path)
 
     async def put(self, path: str) -> None:
-        """Forward."""
+        """Finish a streamed upload, or forward."""
+        if self._queue is not None:
+            await self._queue.put(None)
+            self._relay(await self._upload)
+            return
         await self._forward(path)
 
     async def patch(self, path: str) -> None:
@@ -270,6 +388,11 @@ class MlflowProxyHandler(_ModelsHandler):
     async def delete(self, path: str) -> None:
         """Forward."""
         await self._forward(path)
+
+    def on_connection_close(self) -> None:
+        """Abandon a streamed upload whose client went away."""
+        if self._queue is not None and self._upload is not None:
+            self._upload.cancel()
 
 
 def model_handlers() -> list[tuple[str, Any]]:

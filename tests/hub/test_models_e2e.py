@@ -251,3 +251,21 @@ def test_only_writers_write_and_only_to_their_own_runs(
     bare = requests.get(f"{data.api}/ztlab/mlflow/api/2.0/mlflow/experiments/search", timeout=10)
     assert bare.status_code == 403
     assert os.environ.get("MLFLOW_TRACKING_URI") is None
+
+
+def test_large_artifacts_stream_through_the_hub(models_stack: DataStack, alice: Kernel) -> None:
+    """Over the hub's 100 MB request limit: uploads are streamed, not buffered."""
+    out = alice.ok(
+        "import os, mlflow, tempfile, hashlib\n"
+        "blob = os.path.join(tempfile.mkdtemp(), 'weights.bin')\n"
+        "with open(blob, 'wb') as h:\n"
+        "    for _ in range(15): h.write(os.urandom(10 * 1024 * 1024))\n"
+        "with mlflow.start_run() as big:\n"
+        "    mlflow.log_artifact(blob)\n"
+        "back = mlflow.artifacts.download_artifacts(run_id=big.info.run_id, "
+        "artifact_path='weights.bin')\n"
+        "same = open(back, 'rb').read() == open(blob, 'rb').read()\n"
+        "print('same', same, os.path.getsize(back))",
+        timeout=300,
+    )
+    assert out.split()[-2:] == ["True", str(150 * 1024 * 1024)]
