@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench._table import Row
 
@@ -40,6 +41,10 @@ def _command(*args: str) -> Callable[[], object]:
 
 
 def run(*, quick: bool = False) -> list[Row]:
+    return run_signing(quick=quick) + run_approval(quick=quick)
+
+
+def run_signing(*, quick: bool = False) -> list[Row]:
     total = (512 if quick else 2048) * MIB
     bindir = Path(sys.executable).parent
     upstream, ztlab = str(bindir / "model_signing"), str(bindir / "ztlab")
@@ -146,3 +151,141 @@ def run(*, quick: bool = False) -> list[Row]:
                 )
             )
     return rows
+
+
+def run_approval(*, quick: bool = False) -> list[Row]:
+    """Sign and approve a registered version against a real MLflow server, in process.
+
+    The control plane's side of the round trip (policy, re-verifying the artifacts as they
+    are now, re-checking lineage against the dataset registry, setting the alias through
+    MLflow's REST API, recording and auditing), against MLflow's own alias update alone.
+    The hub's HTTP hop is not included (a few ms, see the login suite).
+    """
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from ztlab.common.attest.keys import key_id
+    from ztlab.hub.attest.keys import load_or_create_attestation_key
+    from ztlab.hub.audit import AuditLog
+    from ztlab.hub.datasets import DatasetRegistry
+    from ztlab.hub.models.mlflow import MlflowREST, server_command
+    from ztlab.hub.models.service import ModelService
+    from ztlab.hub.policy import PolicyEngine, Principal
+
+    weights_size = (64 if quick else 256) * MIB
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        root = Path(tmp)
+        store = root / "mlflow"
+        store.mkdir(mode=0o700)
+        port = _free_port()
+        server = subprocess.Popen(
+            server_command(store, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait(url)
+            audit = AuditLog.open(root / "audit" / "audit.jsonl", key_path=root / "audit.key")
+            policy = PolicyEngine.defaults(audit=audit)
+            key = load_or_create_attestation_key(root / "keys" / "attest.key")
+            data = root / "datasets" / "table" / "1"
+            data.mkdir(parents=True)
+            pd.DataFrame({"x": np.arange(1000)}).to_parquet(data / "t.parquet")
+            datasets = DatasetRegistry(
+                path=root / "registry" / "r.sqlite",
+                key=key,
+                policy=policy,
+                audit=audit,
+                storage_roots=[root / "datasets"],
+            )
+            alice = Principal(name="alice", roles=frozenset({"trainer"}))
+            paul = Principal(name="paul", roles=frozenset({"approver"}))
+            steward = Principal(name="sam", roles=frozenset({"data-steward"}))
+            registered = datasets.register(steward, "table@1", str(data))
+            service = ModelService(
+                store=store,
+                mlflow=MlflowREST(url),
+                key=key,
+                policy=policy,
+                audit=audit,
+                datasets=datasets,
+                protected_aliases=["production"],
+            )
+            service.remember_roles("alice", alice.roles)
+            weights = root / "weights.bin"
+            with weights.open("wb") as handle:
+                for _ in range(0, weights_size, 16 * MIB):
+                    handle.write(os.urandom(16 * MIB))
+
+            class Identity(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
+                def predict(self, context: object, model_input: object) -> object:
+                    return model_input
+
+            mlflow.set_tracking_uri(url)
+            with mlflow.start_run() as run:
+                import importlib
+
+                meta: Any = importlib.import_module("mlflow.data.meta_dataset")
+                sources: Any = importlib.import_module("mlflow.data.sources")
+                mlflow.log_input(
+                    meta.MetaDataset(sources.LocalArtifactDatasetSource(str(data)), name="table@1"),
+                    tags={"ztlab.dataset": "table@1", "ztlab.root": registered.root},
+                )
+                mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=Identity(),
+                    artifacts={"weights": str(weights)},
+                    registered_model_name="bench",
+                )
+            service.record_run(run.info.run_id, "alice")
+            start = time.perf_counter()
+            service.sign(alice, "bench", "1")
+            signing = time.perf_counter() - start
+            rest = MlflowREST(url)
+            best = _best(
+                5,
+                {
+                    "approve": lambda: service.approve(paul, "bench", "1", "bench", "production"),
+                    "alias": lambda: rest.set_alias("bench", "staging", "1"),
+                },
+            )
+            audit.close()
+            assert key_id(key.public_key()) == service.keyid
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    label = f"{weights_size / MIB:,.0f} MiB model"
+    rows.append(
+        Row(
+            "model",
+            f"approval round trip ({label}: policy, re-verify, lineage, alias, audit)",
+            best["approve"],
+            "s",
+            baseline=f"MLflow alias update alone: {best['alias'] * 1000:.1f} ms",
+            ratio=best["approve"] / best["alias"],
+        )
+    )
+    rows.append(Row("model", f"signing service, sign a registered version ({label})", signing, "s"))
+    return rows
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(url: str) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"MLflow did not start at {url}")
