@@ -15,11 +15,12 @@ from typing import Any
 
 from ztlab.hub.api.datasets import DATA_SCOPE, dataset_handlers
 from ztlab.hub.api.models import model_handlers
+from ztlab.hub.api.pages import page_handlers
 
 
 def api_handlers() -> list[tuple[str, Any]]:
     """Every control-plane handler, relative to the hub prefix (``/hub``)."""
-    return [*dataset_handlers(), *model_handlers()]
+    return [*dataset_handlers(), *model_handlers(), *page_handlers()]
 
 
 __all__ = ["DATA_SCOPE", "api_handlers"]

@@ -203,6 +203,14 @@ class ModelService:
         )
         return Signature(*rows[0]) if rows else None
 
+    def signed_versions(self) -> list[Signature]:
+        """Every signed version, newest first."""
+        rows = self._query(
+            "SELECT name, version, trainer, run_id, bundle, digest, signed_at FROM signatures "
+            "ORDER BY signed_at DESC"
+        )
+        return [Signature(*row) for row in rows]
+
     # -- signing ----------------------------------------------------------------------
 
     def sign(self, principal: Principal, name: str, version: str) -> Signature:

@@ -201,6 +201,24 @@ def test_self_approval_is_refused(models_stack: DataStack, tmp_path: Path) -> No
     assert answer.status_code == 403
     assert "two-person" in answer.json()["message"]
     stack.wait_record("model.approve.refused", actor="tess")
+    # the approvals page: the same rule for tess; paul approves with a form
+    for user, expected in (("tess", "two-person"), ("paul", "approved selfie version 1")):
+        session = stack.session()
+        stack.login(session, user)
+        page = session.get(f"{stack.hub_url}/hub/ztlab/models", timeout=30)
+        assert page.status_code == 200
+        assert 'id="model-selfie-1"' in page.text
+        decided = session.post(
+            f"{stack.hub_url}/hub/ztlab/models/selfie/1",
+            data={
+                "_xsrf": session.cookies.get("_xsrf") or "",
+                "action": "approve",
+                "reason": "page review",
+            },
+            timeout=60,
+        )
+        assert expected in decided.text, decided.text[-2000:]
+    stack.wait_record("model.approve", actor="paul")
 
 
 def test_unregistered_or_forged_lineage_is_refused(models_stack: DataStack, alice: Kernel) -> None:

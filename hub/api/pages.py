@@ -1,0 +1,91 @@
+"""``/hub/ztlab/models``: a small page listing signed model versions to approve or reject.
+
+Cookie-authenticated (the signed-in user, XSRF-checked forms); each decision goes through
+the same :class:`~ztlab.hub.models.service.ModelService` call as the API and command line,
+so the policy (two-person rule) and the re-verification apply alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+from jupyterhub.handlers.base import BaseHandler
+from tornado import web
+
+from ztlab.common.errors import ZtlabError
+
+
+class ModelsPage(BaseHandler):  # type: ignore[misc]
+    """List signed versions; approve or reject one."""
+
+    async def _principal(self) -> Any:
+        from ztlab.hub.policy import Principal
+
+        user = self.current_user
+        if user is None:
+            raise web.HTTPError(403)
+        auth_state = await user.get_auth_state() or {}
+        roles = frozenset((auth_state.get("ztlab") or {}).get("roles") or [])
+        return Principal(name=user.name, roles=roles)
+
+    async def _show(self, message: str = "", failed: bool = False) -> None:
+        service = self.authenticator.model_service
+        rows = []
+        for signature in await asyncio.to_thread(service.signed_versions):
+            envelope = json.loads(signature.bundle)["dsseEnvelope"]
+            statement = json.loads(base64.b64decode(envelope["payload"]))
+            rows.append(
+                {
+                    "name": signature.name,
+                    "version": signature.version,
+                    "trainer": signature.trainer,
+                    "datasets": statement["predicate"].get("ztlab", {}).get("datasets", []),
+                    "history": service.history(signature.name, signature.version),
+                }
+            )
+        html = await self.render_template(
+            "ztlab-models.html",
+            rows=rows,
+            message=message,
+            failed=failed,
+            xsrf=self.xsrf_token.decode("ascii"),
+        )
+        self.finish(html)
+
+    @web.authenticated
+    async def get(self) -> None:
+        """The list."""
+        await self._principal()
+        await self._show()
+
+    @web.authenticated
+    async def post(self, name: str = "", version: str = "") -> None:
+        """A decision from the form: ``action`` approve|reject, ``reason``."""
+        principal = await self._principal()
+        action = self.get_body_argument("action", "")
+        reason = self.get_body_argument("reason", "").strip()
+        service = self.authenticator.model_service
+        try:
+            if action == "approve":
+                alias = service.protected_aliases[0]
+                await asyncio.to_thread(service.approve, principal, name, version, reason, alias)
+            elif action == "reject":
+                await asyncio.to_thread(service.reject, principal, name, version, reason)
+            else:
+                raise web.HTTPError(400, "unknown action")
+        except ZtlabError as error:
+            self.set_status(getattr(error, "status", 400))
+            await self._show(f"{name} {version}: {error.message}", failed=True)
+            return
+        await self._show(f"{action}d {name} version {version}")
+
+
+def page_handlers() -> list[tuple[str, Any]]:
+    """The pages, relative to the hub prefix."""
+    return [
+        (r"/ztlab/models", ModelsPage),
+        (r"/ztlab/models/([A-Za-z0-9][A-Za-z0-9_.-]{0,127})/([0-9]{1,9})", ModelsPage),
+    ]
