@@ -25,6 +25,7 @@ model-signing ignores by default and the bundle's own file; anything else is ref
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 from collections.abc import Collection, Mapping
@@ -116,6 +117,7 @@ def sign_model(
     algorithm: Algorithm = "sha256",
     bundle_path: Path | None = None,
     extra: Mapping[str, Any] | None = None,
+    certificates: list[bytes] | None = None,
 ) -> dict[str, Any]:
     """The bundle (a JSON-able dict) signing every regular file under ``root``.
 
@@ -145,13 +147,23 @@ def sign_model(
         predicate=predicate,
     )
     envelope = sign_envelope(statement.to_bytes(), key, payload_type=IN_TOTO_PAYLOAD_TYPE)
-    pem = public_key_pem(key.public_key()).encode("ascii")
+    material: dict[str, Any]
+    if certificates:
+        # an organisation's chain: the leaf (whose key signs) first, then intermediates
+        material = {
+            "x509CertificateChain": {
+                "certificates": [
+                    {"rawBytes": base64.b64encode(der).decode("ascii")} for der in certificates
+                ]
+            },
+            "tlogEntries": [],
+        }
+    else:
+        pem = public_key_pem(key.public_key()).encode("ascii")
+        material = {"publicKey": {"hint": hashlib.sha256(pem).hexdigest()}, "tlogEntries": []}
     return {
         "mediaType": BUNDLE_MEDIA_TYPE,
-        "verificationMaterial": {
-            "publicKey": {"hint": hashlib.sha256(pem).hexdigest()},
-            "tlogEntries": [],
-        },
+        "verificationMaterial": material,
         "dsseEnvelope": envelope.to_dict(),
     }
 
@@ -172,6 +184,67 @@ def bundle_certificates(text: str | bytes) -> list[bytes]:
     data = json.loads(text)
     chain = (data.get("verificationMaterial") or {}).get("x509CertificateChain") or {}
     return [base64.b64decode(c["rawBytes"]) for c in chain.get("certificates", [])]
+
+
+def chain_signer(certificates: list[bytes], roots_pem: bytes) -> dict[str, PublicKey]:
+    """The leaf's key, as the trusted key, if the bundle's chain leads to one of ``roots``.
+
+    The chain is checked with ``cryptography``'s X.509 path validation at the leaf's
+    ``notBefore`` (as model-signing does, so that a signature outlives its certificate);
+    the leaf must allow signing: key usage ``digitalSignature`` or extended key usage
+    ``codeSigning``. Only the roots given are trusted, never a system store.
+    """
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    from cryptography.x509.verification import (
+        ExtensionPolicy,
+        PolicyBuilder,
+        Store,
+        VerificationError,
+    )
+
+    from ztlab.common.attest.keys import key_id
+
+    if not certificates:
+        raise SignatureError("the bundle has no certificate chain (it was signed with a key)")
+    try:
+        leaf = x509.load_der_x509_certificate(certificates[0])
+        intermediates = [x509.load_der_x509_certificate(c) for c in certificates[1:]]
+        roots = x509.load_pem_x509_certificates(roots_pem)
+    except ValueError as exc:
+        raise SignatureError(f"a certificate cannot be read: {exc}") from exc
+    verifier = (
+        PolicyBuilder()
+        .store(Store(roots))
+        .time(leaf.not_valid_before_utc)
+        .extension_policies(
+            ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ExtensionPolicy.permit_all()
+        )
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(leaf, intermediates)
+    except VerificationError as exc:
+        raise SignatureError(
+            f"the signing certificate does not chain to a trusted root: {exc}"
+        ) from exc
+    usable = False
+    with contextlib.suppress(x509.ExtensionNotFound):
+        usable = leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
+    with contextlib.suppress(x509.ExtensionNotFound):
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usable = usable or ExtendedKeyUsageOID.CODE_SIGNING in eku
+    if not usable:
+        raise SignatureError(
+            "the signing certificate is not for signing (no digitalSignature key usage and "
+            "no codeSigning extended key usage)"
+        )
+    key = leaf.public_key()
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise SignatureError("the signing certificate's key is not an elliptic-curve key")
+    return {key_id(key): key}
 
 
 def verify_signature(envelope: Envelope, trusted: dict[str, PublicKey]) -> ModelSignature:

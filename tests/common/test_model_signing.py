@@ -247,3 +247,176 @@ def test_the_command_line(model: Path, tmp_path: Path) -> None:
     )
     assert refused.returncode == 2
     assert "0600" in refused.stderr
+
+
+# -- organisation certificate chains ---------------------------------------------------------
+
+
+def _pki(tmp: Path, *, leaf_usage: str = "codesigning") -> dict[str, Path]:
+    """A root -> intermediate -> leaf chain (P-256), written as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(
+        subject: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
+        *,
+        ca: bool,
+        usage: str = "",
+    ) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        issuer_name = (
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer[0])]) if issuer else name
+        )
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+        )
+        if issuer:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()),
+                critical=False,
+            )
+        if ca:
+            builder = builder.add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+        elif usage == "codesigning":
+            builder = builder.add_extension(
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                critical=True,
+            ).add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
+            )
+        elif usage == "server":
+            builder = builder.add_extension(
+                x509.KeyUsage(False, False, True, False, False, False, False, False, False),
+                critical=True,
+            ).add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
+        return builder.sign((issuer[1] if issuer else key), hashes.SHA256())
+
+    root_key, int_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    leaf_key = KEY
+    root = cert("ZT Lab Root CA", root_key, None, ca=True)
+    inter = cert("ZT Lab Models CA", int_key, ("ZT Lab Root CA", root_key), ca=True)
+    leaf = cert("model signer", leaf_key, ("ZT Lab Models CA", int_key), ca=False, usage=leaf_usage)
+    out = {}
+    for name, value in (("root", root), ("inter", inter), ("leaf", leaf)):
+        out[name] = tmp / f"{name}.pem"
+        out[name].write_bytes(value.public_bytes(Encoding.PEM))
+    out["key"], _ = write_keys(tmp)
+    return out
+
+
+def test_certificate_chain_signing_interoperates(model: Path, tmp_path: Path) -> None:
+    pki = _pki(tmp_path)
+    ztlab = str(Path(sys.executable).with_name("ztlab"))
+    ours = tmp_path / "ours.sig"
+    signed = subprocess.run(
+        [
+            ztlab,
+            "model",
+            "sign",
+            str(model),
+            "--key",
+            str(pki["key"]),
+            "--out",
+            str(ours),
+            "--certificate",
+            str(pki["leaf"]),
+            "--certificate-chain",
+            str(pki["inter"]),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert signed.returncode == 0, signed.stderr
+    ours_verify = [ztlab, "model", "verify", str(model), "--bundle", str(ours)]
+    done = subprocess.run(
+        [*ours_verify, "--certificate-chain", str(pki["root"])], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = upstream(
+        "verify",
+        "certificate",
+        str(model),
+        "--signature",
+        str(ours),
+        "--certificate_chain",
+        str(pki["root"]),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    theirs = tmp_path / "theirs.sig"
+    done = upstream(
+        "sign",
+        "certificate",
+        str(model),
+        "--private_key",
+        str(pki["key"]),
+        "--signing_certificate",
+        str(pki["leaf"]),
+        "--certificate_chain",
+        str(pki["inter"]),
+        "--signature",
+        str(theirs),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run(
+        [
+            ztlab,
+            "model",
+            "verify",
+            str(model),
+            "--bundle",
+            str(theirs),
+            "--certificate-chain",
+            str(pki["root"]),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # another organisation's root is not trusted
+    (tmp_path / "other").mkdir()
+    other = _pki(tmp_path / "other")
+    refused = subprocess.run(
+        [*ours_verify, "--certificate-chain", str(other["root"])], capture_output=True, text=True
+    )
+    assert refused.returncode == 1
+    assert "does not chain to a trusted root" in refused.stderr
+
+
+def test_a_certificate_not_meant_for_signing_is_refused(model: Path, tmp_path: Path) -> None:
+    from ztlab.common.attest.model import bundle_certificates, chain_signer
+
+    pki = _pki(tmp_path, leaf_usage="server")
+    from cryptography import x509
+
+    chain = [
+        x509.load_pem_x509_certificate(pki[n].read_bytes()).public_bytes(Encoding.DER)
+        for n in ("leaf", "inter")
+    ]
+    bundle = json.dumps(sign_model(model, KEY, certificates=chain))
+    with pytest.raises(SignatureError, match="not for signing"):
+        chain_signer(bundle_certificates(bundle), pki["root"].read_bytes())

@@ -65,6 +65,20 @@ def _private_key(path: Path) -> object:
     help="Where to write the bundle (Sigstore bundle JSON).",
 )
 @click.option(
+    "--certificate",
+    "certificate_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Sign as this certificate (PEM) of an organisation chain; KEY must be its key.",
+)
+@click.option(
+    "--certificate-chain",
+    "chain_paths",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --certificate: intermediate certificates (PEM) to include; repeatable.",
+)
+@click.option(
     "--hash",
     "algorithm",
     type=click.Choice(["sha256", "blake3"]),
@@ -74,15 +88,58 @@ def _private_key(path: Path) -> object:
     "faster (verified by ztlab and by model-signing's Python API).",
 )
 @handle_errors
-def sign_command(directory: Path, key_path: Path, out: Path, algorithm: str) -> None:
+def sign_command(
+    directory: Path,
+    key_path: Path,
+    out: Path,
+    certificate_path: Path | None,
+    chain_paths: tuple[Path, ...],
+    algorithm: str,
+) -> None:
     """Sign every regular file under DIRECTORY into a bundle (git files left out)."""
     from ztlab.common.attest.model import sign_model
 
     key = _private_key(key_path)
-    bundle = sign_model(directory, key, algorithm=algorithm, bundle_path=out)  # type: ignore[arg-type]
+    certificates = None
+    if certificate_path is not None:
+        certificates = _certificates(certificate_path, key) + [
+            der for path in chain_paths for der in _certificates(path)
+        ]
+    elif chain_paths:
+        raise UsageError("--certificate-chain needs --certificate")
+    bundle = sign_model(
+        directory,
+        key,  # type: ignore[arg-type]
+        algorithm=algorithm,  # type: ignore[arg-type]
+        bundle_path=out,
+        certificates=certificates,
+    )
     out.write_text(json.dumps(bundle, indent=2) + "\n", encoding="utf-8")
     files = len(json.loads(bundle_payload(bundle))["predicate"]["resources"])
     click.echo(f"wrote {out}: {files} files signed ({algorithm})")
+
+
+def _certificates(path: Path, key: object = None) -> list[bytes]:
+    """The DER certificates in a PEM file; with ``key``, the first must be that key's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    try:
+        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: not readable PEM certificates: {exc}") from exc
+    if key is not None:
+        spki = (
+            certificates[0]
+            .public_key()
+            .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        )
+        ours = key.public_key().public_bytes(  # type: ignore[attr-defined]
+            Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+        )
+        if spki != ours:
+            raise UsageError(f"{path}: the certificate is not for the key given with --key")
+    return [c.public_bytes(Encoding.DER) for c in certificates]
 
 
 def bundle_payload(bundle: dict[str, object]) -> bytes:
@@ -107,24 +164,52 @@ def bundle_payload(bundle: dict[str, object]) -> bytes:
     "--public-key",
     "public_keys",
     multiple=True,
-    required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Trusted public key (PEM); repeat for several.",
 )
+@click.option(
+    "--certificate-chain",
+    "roots_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Trusted root certificate(s) (PEM) for a bundle signed with a certificate chain.",
+)
 @handle_errors
-def verify_command(directory: Path, bundle_path: Path, public_keys: tuple[Path, ...]) -> None:
-    """Check the bundle's signature, then every file of DIRECTORY; exit 1 listing changes."""
-    from ztlab.common.attest import load_public_keys
-    from ztlab.common.attest.model import parse_bundle, verify_model
+def verify_command(
+    directory: Path,
+    bundle_path: Path,
+    public_keys: tuple[Path, ...],
+    roots_path: Path | None,
+) -> None:
+    """Check the bundle's signature, then every file of DIRECTORY; exit 1 listing changes.
 
+    Give the trusted key(s) with --public-key, or the trusted root(s) with
+    --certificate-chain for a bundle signed with an organisation's certificate.
+    """
+    from ztlab.common.attest import load_public_keys
+    from ztlab.common.attest.model import (
+        bundle_certificates,
+        chain_signer,
+        parse_bundle,
+        verify_model,
+    )
+
+    if bool(public_keys) == (roots_path is not None):
+        raise UsageError("give either --public-key or --certificate-chain")
     try:
         text = bundle_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read the bundle {bundle_path}: {exc}") from exc
     envelope = parse_bundle(text, source=str(bundle_path))
-    check = verify_model(
-        directory, envelope, load_public_keys(list(public_keys)), bundle_path=bundle_path
-    )
+    if roots_path is not None:
+        try:
+            roots = roots_path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {roots_path}: {exc.strerror}") from exc
+        trusted = chain_signer(bundle_certificates(text), roots)
+    else:
+        trusted = load_public_keys(list(public_keys))
+    check = verify_model(directory, envelope, trusted, bundle_path=bundle_path)
     signature = check.signature
     if check.ok:
         click.echo(
