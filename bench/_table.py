@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -57,3 +59,14 @@ def _fmt(value: float) -> str:
     if value >= 10:
         return f"{value:.1f}"
     return f"{value:.3f}"
+
+
+def best_of(repeats: int, actions: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """The best time of each action, the actions interleaved so that noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(repeats):
+        for name, action in actions.items():
+            start = time.perf_counter()
+            action()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(samples) for name, samples in times.items()}

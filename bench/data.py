@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._table import Row
+from bench._table import Row, best_of
 from ztlab.common.manifest import Manifest, fingerprint
 
 MIB = 1024 * 1024
@@ -62,17 +62,6 @@ def _generate(root: Path, total: int, large_size: int) -> list[str]:
         remaining -= size
         index += 1
     return paths
-
-
-def _best(repeats: int, actions: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """The best time of each action, the actions interleaved so that noise hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in actions}
-    for _ in range(repeats):
-        for name, action in actions.items():
-            start = time.perf_counter()
-            action()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(samples) for name, samples in times.items()}
 
 
 def _tool(root: Path, command: list[str], paths: list[str]) -> Callable[[], object]:
@@ -110,7 +99,7 @@ def run_fingerprint(*, quick: bool = False) -> list[Row]:
             actions["b3sum"] = _tool(root, [b3sum, "--num-threads", str(cores)], paths)
         if sha256sum:
             actions["sha256sum"] = _tool(root, [sha256sum], paths)
-        rate = {name: size / seconds / 1e9 for name, seconds in _best(repeats, actions).items()}
+        rate = {name: size / seconds / 1e9 for name, seconds in best_of(repeats, actions).items()}
         rows.append(
             Row(
                 "data",
@@ -185,7 +174,7 @@ def run_reads(*, quick: bool = False) -> list[Row]:
             return dataset.read_parquet("train.parquet")
 
         dataset.read_parquet("train.parquet")
-        best = _best(
+        best = best_of(
             5,
             {
                 "plain": lambda: pd.read_parquet(path),
@@ -229,7 +218,7 @@ def run_reads(*, quick: bool = False) -> list[Row]:
         start = time.perf_counter()
         dataset.verify()
         full = time.perf_counter() - start
-        again = _best(5, {"again": dataset.verify})["again"]
+        again = best_of(5, {"again": dataset.verify})["again"]
         rows.append(
             Row(
                 "data",

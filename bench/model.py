@@ -18,19 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._table import Row
+from bench._table import Row, best_of
 
 MIB = 1024 * 1024
-
-
-def _best(repeats: int, actions: dict[str, Callable[[], object]]) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in actions}
-    for _ in range(repeats):
-        for name, action in actions.items():
-            start = time.perf_counter()
-            action()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(samples) for name, samples in times.items()}
 
 
 def _command(*args: str) -> Callable[[], object]:
@@ -70,7 +60,7 @@ def run_signing(*, quick: bool = False) -> list[Row]:
         )
         key.chmod(0o600)
         up, ours, ours3 = root / "up.sig", root / "ours.sig", root / "ours-b3.sig"
-        sign = _best(
+        sign = best_of(
             3,
             {
                 "upstream": _command(
@@ -100,7 +90,7 @@ def run_signing(*, quick: bool = False) -> list[Row]:
                 ),
             },
         )
-        verify = _best(
+        verify = best_of(
             3,
             {
                 "upstream": _command(
@@ -243,7 +233,7 @@ def run_approval(*, quick: bool = False) -> list[Row]:
             service.sign(alice, "bench", "1")
             signing = time.perf_counter() - start
             rest = MlflowREST(url)
-            best = _best(
+            best = best_of(
                 5,
                 {
                     "approve": lambda: service.approve(paul, "bench", "1", "bench", "production"),

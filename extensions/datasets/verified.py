@@ -343,30 +343,15 @@ class Dataset:
         :func:`cudf.read_parquet` on the GPU (needs cudf and an NVIDIA GPU). Other keyword
         arguments go to the reader.
         """
-        files = self._many(file, ".parquet")
-        if engine == "cudf":
-            cudf = _cudf()
-            frames = [
-                self._verified(f, lambda view: cudf.read_parquet(io.BytesIO(view), **kwargs))
-                for f in files
-            ]
-            return frames[0] if len(frames) == 1 else cudf.concat(frames, ignore_index=True)
-        if engine != "pandas":
-            raise DatasetError(f"unknown engine {engine!r}", hint="use 'pandas' or 'cudf'")
-        import pandas
-        import pyarrow
 
-        frames = [
-            self._verified(
-                f,
-                lambda view: pandas.read_parquet(
-                    pyarrow.BufferReader(pyarrow.py_buffer(view)), **kwargs
-                ),
-                lambda path: pandas.read_parquet(path, **kwargs),
-            )
-            for f in files
-        ]
-        return frames[0] if len(frames) == 1 else pandas.concat(frames, ignore_index=True)
+        def from_buffer(reader: Any, view: memoryview) -> Any:
+            if reader.__module__.startswith("cudf"):
+                return reader(io.BytesIO(view), **kwargs)
+            import pyarrow
+
+            return reader(pyarrow.BufferReader(pyarrow.py_buffer(view)), **kwargs)
+
+        return self._frames(file, ".parquet", engine, "read_parquet", from_buffer, kwargs)
 
     def read_csv(
         self,
@@ -375,28 +360,39 @@ class Dataset:
         engine: str = "pandas",
         **kwargs: Any,
     ) -> Any:
-        """A DataFrame from one CSV file, several (concatenated) or all (``None``)."""
-        files = self._many(file, ".csv")
-        if engine == "cudf":
-            cudf = _cudf()
-            frames = [
-                self._verified(f, lambda view: cudf.read_csv(io.BytesIO(view), **kwargs))
-                for f in files
-            ]
-            return frames[0] if len(frames) == 1 else cudf.concat(frames, ignore_index=True)
-        if engine != "pandas":
-            raise DatasetError(f"unknown engine {engine!r}", hint="use 'pandas' or 'cudf'")
-        import pandas
+        """A DataFrame from one CSV file, several (concatenated) or all (``None``);
+        ``engine`` and keyword arguments as for :meth:`read_parquet`."""
 
+        def from_buffer(reader: Any, view: memoryview) -> Any:
+            return reader(io.BytesIO(view), **kwargs)
+
+        return self._frames(file, ".csv", engine, "read_csv", from_buffer, kwargs)
+
+    def _frames(
+        self,
+        file: str | os.PathLike[str] | Sequence[str] | None,
+        suffix: str,
+        engine: str,
+        reader_name: str,
+        from_buffer: Callable[[Any, memoryview], Any],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Read each file with ``engine``'s reader (verified), concatenated if several."""
+        if engine == "cudf":
+            library = _cudf()
+        elif engine == "pandas":
+            import pandas
+
+            library = pandas
+        else:
+            raise DatasetError(f"unknown engine {engine!r}", hint="use 'pandas' or 'cudf'")
+        reader = getattr(library, reader_name)
+        from_path = None if engine == "cudf" else (lambda path: reader(path, **kwargs))
         frames = [
-            self._verified(
-                f,
-                lambda view: pandas.read_csv(io.BytesIO(view), **kwargs),
-                lambda path: pandas.read_csv(path, **kwargs),
-            )
-            for f in files
+            self._verified(f, lambda view: from_buffer(reader, view), from_path)
+            for f in self._many(file, suffix)
         ]
-        return frames[0] if len(frames) == 1 else pandas.concat(frames, ignore_index=True)
+        return frames[0] if len(frames) == 1 else library.concat(frames, ignore_index=True)
 
     def _many(
         self, file: str | os.PathLike[str] | Sequence[str] | None, suffix: str

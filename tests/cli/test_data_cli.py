@@ -117,3 +117,87 @@ def test_real_subprocess(dataset: Path, manifest: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
     assert done.returncode == 1
     assert "modified: big.bin" in done.stdout
+
+
+def _key(path: Path, curve: str = "p256") -> Path:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
+
+    key = (
+        ed25519.Ed25519PrivateKey.generate()
+        if curve == "ed25519"
+        else (ec.generate_private_key(ec.SECP256R1()))
+    )
+    path.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    path.chmod(0o600)
+    path.with_suffix(".pub").write_bytes(
+        key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    return path
+
+
+@pytest.mark.parametrize("curve", ["p256", "ed25519"])
+def test_sign_then_verify_signed(dataset: Path, manifest: Path, tmp_path: Path, curve: str) -> None:
+    key = _key(tmp_path / "key.pem", curve)
+    signed = tmp_path / "signed.json"
+    code, stdout, stderr = run(
+        "sign",
+        str(manifest),
+        "--ref",
+        "demo@1",
+        "--key",
+        str(key),
+        "--source",
+        str(dataset),
+        "--by",
+        "carol",
+        "--out",
+        str(signed),
+    )
+    assert code == 0, stderr
+    pub = str(key.with_suffix(".pub"))
+    code, stdout, _ = run("verify", str(dataset), "--signed", str(signed), "--public-key", pub)
+    assert code == 0
+    assert "signature OK: demo@1" in stdout
+    assert "registered by carol" in stdout
+    # another key, another version, a loose key file, both --manifest and --signed
+    other = _key(tmp_path / "other.pem")
+    code, _, stderr = run(
+        "verify",
+        str(dataset),
+        "--signed",
+        str(signed),
+        "--public-key",
+        str(other.with_suffix(".pub")),
+    )
+    assert code == 1
+    assert "no signature on the envelope verifies" in stderr
+    code, _, stderr = run(
+        "verify", str(dataset), "--signed", str(signed), "--public-key", pub, "--ref", "demo@2"
+    )
+    assert code == 1
+    assert "not demo@2" in stderr
+    key.chmod(0o644)
+    code, _, stderr = run(
+        "sign",
+        str(manifest),
+        "--ref",
+        "demo@1",
+        "--key",
+        str(key),
+        "--source",
+        str(dataset),
+        "--out",
+        str(signed),
+    )
+    assert code == 2
+    assert "0600" in stderr
+    code, _, stderr = run(
+        "verify", str(dataset), "--manifest", str(manifest), "--signed", str(signed)
+    )
+    assert code == 2

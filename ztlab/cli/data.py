@@ -416,21 +416,11 @@ def sign_command(
     For offline and demonstration use (a local registry); in a deployment the control
     plane fingerprints and signs at registration.
     """
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
+    from ztlab.cli._keys import load_signing_key
     from ztlab.common.attest import sign_manifest
-    from ztlab.hub.audit.keys import read_private_key_file
 
     manifest = load_manifest(manifest_path)
-    data = read_private_key_file(key_path, what="signing key")
-    try:
-        key = load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"{key_path}: not an unencrypted PEM private key: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey | Ed25519PrivateKey):
-        raise UsageError(f"{key_path}: expected an ECDSA or Ed25519 key")
+    key = load_signing_key(key_path, ed25519=True)
     envelope = sign_manifest(
         manifest,
         ref,

@@ -28,25 +28,10 @@ def model_group() -> None:
     """Sign and verify model directories offline, in the OpenSSF model-signing format."""
 
 
-def _private_key(path: Path) -> object:
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+def _private_key(path: Path) -> Any:
+    from ztlab.cli._keys import load_signing_key
 
-    from ztlab.hub.audit.keys import read_private_key_file
-
-    data = read_private_key_file(path, what="signing key")
-    try:
-        key = load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"{path}: not an unencrypted PEM private key: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in (
-        "secp256r1",
-        "secp384r1",
-    ):
-        raise UsageError(
-            f"{path}: expected an ECDSA P-256 or P-384 key (what model-signing accepts)"
-        )
-    return key
+    return load_signing_key(path, ed25519=False)  # model-signing accepts EC keys only
 
 
 @model_group.command("sign", short_help="Sign every file of a model directory.")
@@ -109,7 +94,7 @@ def sign_command(
         raise UsageError("--certificate-chain needs --certificate")
     bundle = sign_model(
         directory,
-        key,  # type: ignore[arg-type]
+        key,
         algorithm=algorithm,  # type: ignore[arg-type]
         bundle_path=out,
         certificates=certificates,
