@@ -171,7 +171,21 @@ def test_tampered_artifacts_are_refused_at_approval_and_at_load(
     assert target.name in refused.json()["message"]
     stack.wait_record("model.approve.refused", actor="paul")
     target.write_bytes(original)
+    conda = files / "conda.yaml"
+    kept = conda.read_bytes()
+    conda.unlink()  # a file removed after signing
+    refused = data.call("paul", "POST", "/models/fraud/1/approve", {"reason": "looks fine"})
+    assert refused.status_code == 409
+    assert "conda.yaml" in refused.json()["message"]
+    conda.write_bytes(kept)
     assert data.call("paul", "POST", "/models/fraud/1/approve", {"reason": "ok"}).status_code == 200
+    target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # a byte flipped after approval
+    try:
+        outcome = alice.run("zm.load('models:/fraud@production', flavor='sklearn')")
+        assert outcome.ename == "ModelIntegrityError"
+        assert target.name in (outcome.evalue or "")
+    finally:
+        target.write_bytes(original)
     (files / "extra.py").write_text("import os  # added after approval")
     try:
         outcome = alice.run("zm.load('models:/fraud@production', flavor='sklearn')")
