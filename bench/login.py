@@ -108,6 +108,9 @@ def _ztlab_hub(
         issuer = "{issuer}"
         [groups]
         ml-trainers = ["trainer"]
+        [models]
+        # MLflow is not part of these measurements (and two hubs would share its port)
+        enabled = false
         [secrets]
         oidc_client_secret = {{ file = "{secret}" }}
         """)

@@ -159,7 +159,7 @@ def run_approval(*, quick: bool = False) -> list[Row]:
     from ztlab.hub.attest.keys import load_or_create_attestation_key
     from ztlab.hub.audit import AuditLog
     from ztlab.hub.datasets import DatasetRegistry
-    from ztlab.hub.models.mlflow import MlflowREST, server_command
+    from ztlab.hub.models.mlflow import SERVER_ENVIRONMENT, MlflowREST, server_command
     from ztlab.hub.models.service import ModelService
     from ztlab.hub.policy import PolicyEngine, Principal
 
@@ -171,7 +171,10 @@ def run_approval(*, quick: bool = False) -> list[Row]:
         store.mkdir(mode=0o700)
         port = _free_port()
         server = subprocess.Popen(
-            server_command(store, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            server_command(store, port),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **SERVER_ENVIRONMENT},
         )
         try:
             url = f"http://127.0.0.1:{port}"

@@ -144,14 +144,18 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     services: list[dict[str, Any]] = []
     if config.models.enabled:
         # MLflow on 127.0.0.1 only; users and kernels reach it through /hub/api/ztlab/mlflow
-        from ztlab.hub.models.mlflow import server_command
+        from ztlab.hub.models.mlflow import SERVER_ENVIRONMENT, server_command
 
         store = private_dir(config.models_store)
         auth.models_store = str(store)
         auth.mlflow_url = f"http://127.0.0.1:{config.models.mlflow_port}"
         auth.protected_aliases = list(config.models.protected_aliases)
         services.append(
-            {"name": "mlflow", "command": server_command(store, config.models.mlflow_port)}
+            {
+                "name": "mlflow",
+                "command": server_command(store, config.models.mlflow_port),
+                "environment": dict(SERVER_ENVIRONMENT),
+            }
         )
     if config.hub.cull_idle_seconds:
         # idle servers are stopped (and their GPU leases end) by jupyterhub-idle-culler

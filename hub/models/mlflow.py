@@ -49,6 +49,11 @@ def server_command(store: Path, port: int) -> list[str]:
     ]
 
 
+#: the server's environment: no background job runner (its seven huey workers take about
+#: 1.6 GB and CPU that a 2-core machine needs; ztlab uses none of MLflow's server jobs)
+SERVER_ENVIRONMENT = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def artifact_path(store: Path, uri: str) -> Path:
     """The local directory of an ``mlflow-artifacts:/...`` URI in the store (no escape)."""
     parsed = urllib.parse.urlsplit(uri)
