@@ -351,7 +351,9 @@ class Dataset:
 
             return reader(pyarrow.BufferReader(pyarrow.py_buffer(view)), **kwargs)
 
-        return self._frames(file, ".parquet", engine, "read_parquet", from_buffer, kwargs)
+        return self._frames(
+            file, ".parquet", engine, "read_parquet", from_buffer, kwargs, map_file=True
+        )
 
     def read_csv(
         self,
@@ -376,8 +378,16 @@ class Dataset:
         reader_name: str,
         from_buffer: Callable[[Any, memoryview], Any],
         kwargs: dict[str, Any],
+        *,
+        map_file: bool = False,
     ) -> Any:
-        """Read each file with ``engine``'s reader (verified), concatenated if several."""
+        """Read each file with ``engine``'s reader (verified), concatenated if several.
+
+        An unchanged, already verified file is read straight from the opened file; with
+        ``map_file`` through a pyarrow memory map (measured as fast as, or faster than,
+        ``pandas.read_parquet(path)``; handing pyarrow ``/proc/self/fd/N`` as a path was up
+        to a third slower).
+        """
         if engine == "cudf":
             library = _cudf()
         elif engine == "pandas":
@@ -387,9 +397,21 @@ class Dataset:
         else:
             raise DatasetError(f"unknown engine {engine!r}", hint="use 'pandas' or 'cudf'")
         reader = getattr(library, reader_name)
-        from_path = None if engine == "cudf" else (lambda path: reader(path, **kwargs))
+
+        def from_path(path: str) -> Any:
+            if not map_file:
+                return reader(path, **kwargs)
+            import pyarrow
+
+            with pyarrow.memory_map(path) as source:
+                return reader(source, **kwargs)
+
         frames = [
-            self._verified(f, lambda view: from_buffer(reader, view), from_path)
+            self._verified(
+                f,
+                lambda view: from_buffer(reader, view),
+                from_path if engine == "pandas" else None,
+            )
             for f in self._many(file, suffix)
         ]
         return frames[0] if len(frames) == 1 else library.concat(frames, ignore_index=True)
