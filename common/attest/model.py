@@ -96,13 +96,14 @@ def _exclusions(root: Path, bundle: Path | None) -> tuple[set[str], list[str]]:
 
 
 def model_digests(
-    root: Path, algorithm: Algorithm, *, bundle: Path | None = None
+    root: Path, algorithm: Algorithm, *, bundle: Path | None = None, mmap: bool = True
 ) -> tuple[dict[str, str], list[Refusal]]:
     """``{path: hex digest}`` of the model's regular files (git paths and ``bundle`` left
-    out), and what the walk refused (links, devices)."""
+    out), and what the walk refused (links, devices). ``mmap=False`` in long-lived
+    processes (see :func:`~ztlab.common.manifest.fingerprint.hash_files`)."""
     exclude, _ = _exclusions(root, bundle)
     found = scan(root, exclude=exclude)
-    hashed = hash_files(found.files, found.root, algorithm)
+    hashed = hash_files(found.files, found.root, algorithm, mmap=mmap)
     return {path: digest for path, (_, digest) in hashed.items()}, found.refusals
 
 
@@ -118,6 +119,7 @@ def sign_model(
     bundle_path: Path | None = None,
     extra: Mapping[str, Any] | None = None,
     certificates: list[bytes] | None = None,
+    mmap: bool = True,
 ) -> dict[str, Any]:
     """The bundle (a JSON-able dict) signing every regular file under ``root``.
 
@@ -125,7 +127,7 @@ def sign_model(
     ``extra`` goes into ``predicate.ztlab`` (upstream verifiers ignore it).
     """
     algorithm = check_algorithm(algorithm)
-    digests, refusals = model_digests(root, algorithm, bundle=bundle_path)
+    digests, refusals = model_digests(root, algorithm, bundle=bundle_path, mmap=mmap)
     if refusals:
         raise UnsafeTreeError(refusals)
     names = sorted(digests, key=_order)
@@ -316,13 +318,14 @@ def verify_model(
     trusted: dict[str, PublicKey],
     *,
     bundle_path: Path | None = None,
+    mmap: bool = True,
 ) -> ModelCheck:
     """Check the signature, then hash the directory and compare with the signed files."""
     signature = verify_signature(envelope, trusted)
     exclude, _ = _exclusions(root, bundle_path)
     _check_ignored(envelope, exclude)
     algorithm = check_algorithm(signature.algorithm)
-    actual, refusals = model_digests(root, algorithm, bundle=bundle_path)
+    actual, refusals = model_digests(root, algorithm, bundle=bundle_path, mmap=mmap)
     check = ModelCheck(signature=signature, refused=refusals)
     for name, digest in signature.resources.items():
         if name not in actual:

@@ -177,7 +177,7 @@ def _kind(mode: int) -> str:
 
 
 def hash_file(
-    ref: FileRef, root: str, algorithm: Algorithm, *, threads: int = 1
+    ref: FileRef, root: str, algorithm: Algorithm, *, threads: int = 1, mmap: bool = True
 ) -> tuple[int, str]:
     """``(size, hex digest)`` of one file, opened without following a final link.
 
@@ -204,7 +204,7 @@ def hash_file(
                 raise ManifestError(f"{ref.path} resolves to outside the directory ({opened})")
         if algorithm == "blake3" and threads > 1:
             hasher = blake3.blake3(max_threads=threads)
-            if proc:
+            if proc and mmap:
                 try:
                     hasher.update_mmap(proc)
                 except OSError:
@@ -257,6 +257,7 @@ def hash_files(
     large_file_threshold: int = LARGE_FILE,
     progress: ProgressCallback | None = None,
     on_error: Callable[[FileRef, ManifestError], None] | None = None,
+    mmap: bool = True,
 ) -> dict[str, tuple[int, str]]:
     """Hash ``files``; ``{path: (size, digest)}``.
 
@@ -295,7 +296,7 @@ def hash_files(
         for ref in large:
             one: tuple[int, str] | ManifestError
             try:
-                one = hash_file(ref, root, algorithm, threads=max(2, cores))
+                one = hash_file(ref, root, algorithm, threads=max(2, cores), mmap=mmap)
             except ManifestError as exc:
                 one = exc
             report(ref, one)
@@ -330,6 +331,7 @@ def fingerprint(
     workers: int | None = None,
     large_file_threshold: int = LARGE_FILE,
     progress: ProgressCallback | None = None,
+    mmap: bool = True,
 ) -> Manifest:
     """The manifest of every regular file under ``root``.
 
@@ -348,6 +350,7 @@ def fingerprint(
         workers=workers,
         large_file_threshold=large_file_threshold,
         progress=progress,
+        mmap=mmap,
     )
     return Manifest.build(
         algorithm, (Entry(path, size, digest) for path, (size, digest) in hashed.items())

@@ -462,7 +462,11 @@ class Dataset:
             def unreadable(ref: FileRef, error: ManifestError) -> None:
                 unsafe[ref.path] = error.message
 
-            hashed = hash_files(to_hash, found.root, self.manifest.algorithm, on_error=unreadable)
+            # chunked reads, not memory maps: a file truncated while mapped would kill the
+            # kernel with SIGBUS
+            hashed = hash_files(
+                to_hash, found.root, self.manifest.algorithm, on_error=unreadable, mmap=False
+            )
         present = {ref.path for ref in found.files} | set(unsafe)
         problems: list[tuple[str, str, str | None, str | None]] = []
         for path, (size, digest) in sorted(hashed.items()):

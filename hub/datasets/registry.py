@@ -255,7 +255,8 @@ class DatasetRegistry:
                 f"{existing.registered_by} at {existing.registered_at})",
                 hint="versions are immutable: register the changed data as a new version",
             )
-        manifest = fingerprint(directory, progress=progress)
+        # no memory maps in the hub: a file truncated while mapped would SIGBUS the process
+        manifest = fingerprint(directory, progress=progress, mmap=False)
         envelope = sign_manifest(
             manifest, ref, self._key, registered_by=principal.name, source=str(directory)
         )

@@ -245,6 +245,7 @@ class ModelService:
         bundle = sign_model(
             directory,
             self._key,
+            mmap=False,  # the hub must not map files a trainer's upload may truncate
             extra={
                 "model": name,
                 "version": version,
@@ -285,6 +286,7 @@ class ModelService:
             self.artifacts_dir(self.mlflow.model_version(name, version)),
             parse_bundle(stored.bundle),
             {self.keyid: self._key.public_key()},
+            mmap=False,
         )
         if not check.ok:
             changed = [m[0] for m in check.modified] + check.missing + check.extra
