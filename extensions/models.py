@@ -20,7 +20,7 @@ from typing import Any
 
 from ztlab.common.attest.model import parse_bundle, verify_model
 from ztlab.common.errors import UsageError, VerificationError
-from ztlab.extensions.datasets.client import HubRegistry, parse_pem_keys
+from ztlab.extensions.datasets.client import HubRegistry
 
 _URI = re.compile(r"models:/([A-Za-z0-9][A-Za-z0-9_.-]{0,127})@([A-Za-z0-9_-]+)")
 
@@ -68,9 +68,7 @@ def load(uri: str, *, flavor: str = "pyfunc") -> Any:
     version, bundle = str(answer["version"]), answer.get("bundle")
     if not bundle:
         raise ModelIntegrityError(f"{name} version {version} has no signature")
-    keys = parse_pem_keys(os.environ.get("ZTLAB_TRUSTED_KEYS", ""), source="ZTLAB_TRUSTED_KEYS")
-    if not keys:
-        keys = hub.trusted_keys()
+    keys = hub.trusted_keys()  # ZTLAB_TRUSTED_KEYS (pinned by the spawner), else the hub's
     mlflow: Any = importlib.import_module("mlflow")
     local = Path(tempfile.mkdtemp(prefix=f"ztlab-model-{name}-"))
     mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=local)

@@ -97,6 +97,12 @@ def _key(info: os.stat_result) -> tuple[int, int, int, int, int]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
+def _still_verified(cache_key: tuple[str, str], info: tuple[int, ...], digest: str) -> bool:
+    """Whether this kernel verified the file and its identity and times are unchanged."""
+    known = _VERIFIED.get(cache_key)
+    return known is not None and known[:5] == info and known[5] == digest
+
+
 def _digest(algorithm: Any, data: Any) -> str:
     if algorithm == "blake3" and len(data) >= _PARALLEL_HASH:
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -277,15 +283,11 @@ class Dataset:
             fd, before = self._open(entry)
             try:
                 cache_key = (self.directory, entry.path)
-                known = _VERIFIED.get(cache_key)
-                if (
-                    parse_path is not None
-                    and known is not None
-                    and known[:5] == _key(before)
-                    and known[5] == entry.digest
+                if parse_path is not None and _still_verified(
+                    cache_key, _key(before), entry.digest
                 ):
                     result = parse_path(f"/proc/self/fd/{fd}")
-                    if _key(os.fstat(fd)) == known[:5]:
+                    if _key(os.fstat(fd)) == _key(before):
                         return result
                 view = self._read_all(fd, before.st_size)
                 after = os.fstat(fd)
@@ -449,12 +451,8 @@ class Dataset:
                     unsafe[ref.path] = f"cannot stat: {exc.strerror}"
                     continue
                 keys[ref.path] = _key(info)
-                known = _VERIFIED.get((self.directory, ref.path))
-                if (
-                    entry is not None
-                    and known is not None
-                    and known[:5] == keys[ref.path]
-                    and known[5] == entry.digest
+                if entry is not None and _still_verified(
+                    (self.directory, ref.path), keys[ref.path], entry.digest
                 ):
                     continue
                 to_hash.append(ref)

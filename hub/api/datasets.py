@@ -37,7 +37,7 @@ class _ZtlabAPIHandler(APIHandler):  # type: ignore[misc]
 
     async def principal(self) -> Any:
         """The calling user as a policy principal, or a 403."""
-        from ztlab.hub.policy import Principal
+        from ztlab.hub.login.authenticator import user_principal
 
         user = self.current_user
         if user is None:
@@ -48,9 +48,7 @@ class _ZtlabAPIHandler(APIHandler):  # type: ignore[misc]
             raise web.HTTPError(
                 403, f"This token lacks the {DATA_SCOPE} scope (make a token that has it)."
             )
-        auth_state = await user.get_auth_state() or {}
-        roles = frozenset((auth_state.get("ztlab") or {}).get("roles") or [])
-        return Principal(name=user.name, roles=roles)
+        return await user_principal(user)
 
     @property
     def registry(self) -> Any:

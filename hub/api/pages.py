@@ -22,14 +22,11 @@ class ModelsPage(BaseHandler):  # type: ignore[misc]
     """List signed versions; approve or reject one."""
 
     async def _principal(self) -> Any:
-        from ztlab.hub.policy import Principal
+        from ztlab.hub.login.authenticator import user_principal
 
-        user = self.current_user
-        if user is None:
+        if self.current_user is None:
             raise web.HTTPError(403)
-        auth_state = await user.get_auth_state() or {}
-        roles = frozenset((auth_state.get("ztlab") or {}).get("roles") or [])
-        return Principal(name=user.name, roles=roles)
+        return await user_principal(self.current_user)
 
     async def _show(self, message: str = "", failed: bool = False) -> None:
         service = self.authenticator.model_service

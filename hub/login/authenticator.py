@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ztlab.hub.datasets import DatasetRegistry
     from ztlab.hub.models.service import ModelService
     from ztlab.hub.policy import PolicyEngine
+    from ztlab.hub.policy import Principal as PolicyPrincipal
 
 #: the nonce the current login's callback expects (set by the callback handler)
 expected_nonce: ContextVar[str | None] = ContextVar("ztlab_expected_nonce", default=None)
@@ -686,6 +687,18 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
             # the control plane's API lives in the hub process, next to the audit writer
             *api_handlers(),
         ]
+
+
+def granted_roles(auth_state: Mapping[str, Any]) -> frozenset[str]:
+    """The policy roles the identity provider granted at the last login or refresh."""
+    return frozenset((auth_state.get("ztlab") or {}).get("roles") or [])
+
+
+async def user_principal(user: Any) -> PolicyPrincipal:
+    """A hub user (anything with ``name`` and ``get_auth_state``) as a policy principal."""
+    from ztlab.hub.policy import Principal
+
+    return Principal(name=user.name, roles=granted_roles(await user.get_auth_state() or {}))
 
 
 def _role_groups(auth_state: Mapping[str, Any]) -> list[str]:

@@ -97,13 +97,10 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
 
     async def decide(self) -> None:
         """Ask the policy engine; refuse with its reason when it denies."""
-        from ztlab.hub.policy import Principal
+        from ztlab.hub.login.authenticator import user_principal
 
-        authenticator = self.authenticator
-        auth_state = await self.user.get_auth_state() or {}
-        roles = frozenset((auth_state.get("ztlab") or {}).get("roles") or [])
-        decision = authenticator.policy_engine.authorize(
-            Principal(name=self.user.name, roles=roles),
+        decision = self.authenticator.policy_engine.authorize(
+            await user_principal(self.user),
             "spawn_server",
             f"server:{self.user.name}",
             {},

@@ -196,8 +196,9 @@ class SandboxSpawner(DedicatedUserSpawner):
         return max(q.max_server_hours for q in quotas)
 
     async def _roles(self) -> frozenset[str]:
-        auth_state = await self.user.get_auth_state() or {}
-        return frozenset((auth_state.get("ztlab") or {}).get("roles") or [])
+        from ztlab.hub.login.authenticator import granted_roles
+
+        return granted_roles(await self.user.get_auth_state() or {})
 
     def lease(self, roles: frozenset[str]) -> Any:
         """Lease the GPUs asked for, or refuse with the broker's message."""
@@ -249,12 +250,9 @@ class SandboxSpawner(DedicatedUserSpawner):
         # audited read_dataset decision)
         registry = getattr(self.authenticator, "dataset_registry_store", None)
         if registry is not None:
-            from ztlab.hub.datasets import RegistryDenied
-
+            policy = self.authenticator.policy_engine
             for row in registry.all_versions():
-                try:
-                    registry.get(principal, row.ref)
-                except RegistryDenied:
+                if not policy.authorize(principal, "read_dataset", f"dataset:{row.ref}").allowed:
                     continue
                 if Path(row.source).is_dir():
                     granted[f"/datasets/{row.ref}"] = Path(row.source)

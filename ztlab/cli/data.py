@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -276,13 +276,17 @@ HUB_OPTIONS = [
 ]
 
 
-def _hub_options(func: Any) -> Any:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def hub_options(func: F) -> F:
+    """--hub-url, --token-file and --config, for commands that call the hub's API."""
     for option in reversed(HUB_OPTIONS):
         func = option(func)
     return CONFIG_OPTION(func)
 
 
-def _hub(hub_url: str | None, token_file: Path | None, config_path: Path) -> Any:
+def hub_client(hub_url: str | None, token_file: Path | None, config_path: Path) -> Any:
     from ztlab.extensions.datasets.client import HubRegistry
 
     if token_file is not None:
@@ -316,7 +320,7 @@ def _summary_lines(row: dict[str, Any]) -> list[str]:
 @data_group.command("register", short_help="Register NAME@VERSION (control plane signs it).")
 @click.argument("ref")
 @click.argument("path")
-@_hub_options
+@hub_options
 @handle_errors
 def register_command(
     ref: str, path: str, hub_url: str | None, token_file: Path | None, config_path: Path
@@ -328,16 +332,16 @@ def register_command(
     manifest and records the registration in the audit log. Versions are immutable.
     """
     parse_dataset_ref(ref)
-    row = _hub(hub_url, token_file, config_path).register(ref, path)
+    row = hub_client(hub_url, token_file, config_path).register(ref, path)
     click.echo("registered " + "\n".join(_summary_lines(row)))
 
 
 @data_group.command("list", short_help="List the dataset versions you may read.")
-@_hub_options
+@hub_options
 @handle_errors
 def list_command(hub_url: str | None, token_file: Path | None, config_path: Path) -> None:
     """List the registered dataset versions the policy lets you read."""
-    rows = _hub(hub_url, token_file, config_path).list()
+    rows = hub_client(hub_url, token_file, config_path).list()
     if not rows:
         click.echo("no dataset versions you may read")
         return
@@ -358,7 +362,7 @@ def list_command(hub_url: str | None, token_file: Path | None, config_path: Path
     default=None,
     help="Also write the signed manifest (DSSE envelope JSON) to this file.",
 )
-@_hub_options
+@hub_options
 @handle_errors
 def show_command(
     ref: str,
@@ -371,7 +375,7 @@ def show_command(
     from ztlab.common.attest import Envelope, verify_signed_manifest
 
     parse_dataset_ref(ref)
-    hub = _hub(hub_url, token_file, config_path)
+    hub = hub_client(hub_url, token_file, config_path)
     row = hub.show(ref)
     envelope = Envelope.from_dict(row["envelope"], source=f"the hub's answer for {ref}")
     signed = verify_signed_manifest(envelope, hub.trusted_keys(), expected_ref=ref)

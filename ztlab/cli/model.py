@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import click
 
 from ztlab.cli._errors import handle_errors
+from ztlab.cli.data import hub_client, hub_options
 from ztlab.common.errors import UsageError
 
 DIR_ARGUMENT = click.argument(
@@ -219,14 +219,6 @@ def verify_command(
 
 # -- approvals through the hub ---------------------------------------------------------------
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _hub_options(func: F) -> F:
-    from ztlab.cli.data import _hub_options as options
-
-    return cast(F, options(func))
-
 
 def _call(
     hub: tuple[str | None, Path | None, Path],
@@ -234,15 +226,13 @@ def _call(
     path: str,
     body: dict[str, object] | None = None,
 ) -> Any:
-    from ztlab.cli.data import _hub
-
-    return _hub(*hub).call(method, path, body)
+    return hub_client(*hub).call(method, path, body)
 
 
 @model_group.command("status", short_help="Show a version's signature and approvals.")
 @click.argument("name")
 @click.argument("version")
-@_hub_options
+@hub_options
 @handle_errors
 def status_command(
     name: str, version: str, hub_url: str | None, token_file: Path | None, config_path: Path
@@ -269,7 +259,7 @@ def status_command(
 @click.argument("version")
 @click.option("--reason", required=True, help="Why (recorded in the audit log).")
 @click.option("--alias", default=None, help="The protected alias to set. Default: the first.")
-@_hub_options
+@hub_options
 @handle_errors
 def approve_command(
     name: str,
@@ -296,7 +286,7 @@ def approve_command(
 @click.argument("name")
 @click.argument("version")
 @click.option("--reason", required=True, help="Why (recorded in the audit log).")
-@_hub_options
+@hub_options
 @handle_errors
 def reject_command(
     name: str,
@@ -320,7 +310,7 @@ def reject_command(
 @click.argument("name")
 @click.argument("alias")
 @click.option("--reason", required=True, help="Why (recorded in the audit log).")
-@_hub_options
+@hub_options
 @handle_errors
 def revoke_command(
     name: str,
