@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.hardware import HAS_GPU, NO_GPU_REASON
 from ztlab.common.config import parse_config
 from ztlab.hub.gpu import Inventory, LeaseBroker, LeaseDenied
 from ztlab.hub.gpu.nvml import RealNvml
@@ -32,11 +33,7 @@ from ztlab.hub.sandbox.cgroups import (
     gpu_device_rules,
 )
 
-HAS_GPU = Path("/dev/nvidiactl").exists() and shutil.which("nvidia-smi") is not None
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU (/dev/nvidiactl, nvidia-smi)"),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason=NO_GPU_REASON)]
 
 BWRAP = os.environ.get("ZTLAB_BWRAP", "bwrap")
 

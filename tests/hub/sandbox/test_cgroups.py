@@ -111,7 +111,7 @@ def manager() -> Iterator[CgroupManager]:
 @pytest.fixture
 def v1_manager(manager: CgroupManager) -> CgroupManager:
     if manager.version != "v1":
-        pytest.skip("this machine's cgroups are v2")
+        pytest.skip("needs cgroup v1 controllers (this machine's cgroups are v2)")
     return manager
 
 
@@ -151,7 +151,7 @@ def gpu_nodes(tmp_path: Path) -> GpuNodes:
         os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(195, minor))
     outside = probe(*(f"{mode}:{path}" for path in paths.values() for mode in ("rw", "r")))
     if errno.EACCES in outside.values():
-        pytest.skip(f"device nodes under {tmp_path} cannot be opened (nodev mount?)")
+        pytest.skip(f"needs a filesystem that allows device nodes ({tmp_path} is mounted nodev)")
     if nvidia_driver_loaded():
         assert errno.EPERM not in outside.values()
     else:
@@ -164,7 +164,7 @@ def cgroup2_dir() -> Iterator[Path]:
     """An empty cgroup on the machine's cgroup2 mount, emptied and removed afterwards."""
     mount = cgroup2_mount()
     if mount is None:
-        pytest.skip("no cgroup2 mount")
+        pytest.skip("needs a cgroup2 mount (none on this machine)")
     parent = mount / f"ztlab-test-{os.getpid()}"
     path = parent / "fence"
     path.mkdir(parents=True)
