@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.serialization import (
 
 from ztlab.common.attest.keys import public_key_pem
 from ztlab.common.errors import KeyFileError
-from ztlab.hub.audit.keys import read_private_key_file, write_private_file, write_public_file
+from ztlab.hub.audit.keys import write_public_file
+from ztlab.hub.private import read_private_file, write_private_file
 
 
 def generate_attestation_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -38,7 +39,7 @@ def generate_attestation_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def load_attestation_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """The P-256 key at ``path``, refusing unsafe permissions or another key type."""
-    data = read_private_key_file(path, what="statement signing key")
+    data = read_private_file(path, what="statement signing key")
     try:
         key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

@@ -6,8 +6,6 @@ file that group or others can read is refused, not used. The public key is expor
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -19,18 +17,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from ztlab.common.errors import KeyFileError, ZtlabError
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 (failing if it exists), write and fsync it."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from ztlab.common.errors import KeyFileError
+from ztlab.hub.private import read_private_file, write_private_file
 
 
 def write_public_file(path: Path, data: bytes) -> None:
@@ -58,47 +46,9 @@ def generate_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def check_private_file(
-    path: Path, info: os.stat_result, *, what: str, error: type[ZtlabError] = KeyFileError
-) -> None:
-    """Refuse a file that is not regular, that group/others may access, or that another
-    user owns; ``what`` names it in the message, ``error`` is the exception to raise."""
-    if not stat.S_ISREG(info.st_mode):
-        raise error(f"{path}: the {what} is not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise error(
-            f"{path}: {what} is readable or writable by group/others (mode {mode:04o}); "
-            "expected 0600",
-            hint=f"chmod 600 {path}",
-        )
-    if info.st_uid != os.geteuid():
-        raise error(
-            f"{path}: {what} is owned by uid {info.st_uid}, not by this control-plane "
-            f"user (uid {os.geteuid()})"
-        )
-
-
-def read_private_key_file(path: Path, *, what: str) -> bytes:
-    """The bytes of a key file only the control plane may read; refuse anything else.
-
-    ``what`` names the key in messages ("signing key"). The file must exist, be a regular
-    file, have no group/other permission bits and belong to this process's user.
-    """
-    try:
-        info = path.stat()
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise KeyFileError(f"{path}: no such {what}") from exc
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read the {what}: {exc.strerror}") from exc
-    check_private_file(path, info, what=what)
-    return data
-
-
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """Load the Ed25519 private key at ``path``, refusing unsafe permissions."""
-    data = read_private_key_file(path, what="signing key")
+    data = read_private_file(path, what="signing key")
     try:
         key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

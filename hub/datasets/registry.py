@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import stat
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from ztlab.common.auditlog.sink import AuditSink
 from ztlab.common.errors import UsageError, ZtlabError
 from ztlab.common.manifest import ProgressCallback, fingerprint
 from ztlab.hub.policy import PolicyEngine, Principal
+from ztlab.hub.private import private_directory, private_file
 
 
 class RegistryError(UsageError):
@@ -148,30 +148,6 @@ _COLUMNS: Final = (
 )
 
 
-def _private_path(path: Path) -> None:
-    """Create the database's directory (0700) and file (0600); refuse looser ones."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder = path.parent.stat()
-    if stat.S_IMODE(folder.st_mode) & 0o077 or folder.st_uid != os.geteuid():
-        raise RegistryError(
-            f"{path.parent}: the dataset registry's directory must be mode 0700 and owned by "
-            f"the control plane (found mode {stat.S_IMODE(folder.st_mode):04o})",
-            hint=f"chmod 700 {path.parent}",
-        )
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        info = os.fstat(fd)
-    finally:
-        os.close(fd)
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077 or info.st_uid != os.geteuid():
-        raise RegistryError(
-            f"{path}: the dataset registry must be mode 0600 and owned by the control plane "
-            f"(found mode {mode:04o}, uid {info.st_uid})",
-            hint=f"chmod 600 {path}",
-        )
-
-
 class DatasetRegistry:
     """The registry database plus what registration needs: key, policy, audit, roots."""
 
@@ -185,7 +161,8 @@ class DatasetRegistry:
         storage_roots: Sequence[Path],
     ) -> None:
         """Open (creating if needed) the registry database at ``path``."""
-        _private_path(path)
+        private_directory(path.parent, what="dataset registry's directory", error=RegistryError)
+        private_file(path, what="dataset registry", error=RegistryError)
         self._path = path
         self._key = key
         self.keyid = key_id(key.public_key())

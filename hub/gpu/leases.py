@@ -34,10 +34,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import secrets
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
@@ -51,6 +49,7 @@ from ztlab.common.config.model import RoleConfig
 from ztlab.common.errors import UsageError, ZtlabError
 from ztlab.hub.gpu.inventory import Inventory, UnknownPoolError
 from ztlab.hub.policy import PolicyEngine, Principal
+from ztlab.hub.private import private_directory, private_file
 
 __all__ = [
     "AUDIT_EXPIRED",
@@ -202,50 +201,6 @@ def _lease_from_row(row: Sequence[Any]) -> Lease:
     )
 
 
-def _private_directory(directory: Path) -> None:
-    """Create ``directory`` with mode 0700, or check that an existing one is private."""
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.stat()
-    except OSError as exc:
-        raise LeaseStoreError(
-            f"{directory}: cannot create the GPU lease directory: {exc.strerror}"
-        ) from exc
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise LeaseStoreError(
-            f"{directory}: the GPU lease directory is accessible to group or others "
-            f"(mode {mode:04o}); expected 0700",
-            hint=f"chmod 700 {directory}",
-        )
-    if info.st_uid != os.geteuid():
-        raise LeaseStoreError(
-            f"{directory}: the GPU lease directory is owned by uid {info.st_uid}, not by "
-            f"this control-plane user (uid {os.geteuid()})"
-        )
-
-
-def _private_file(path: Path) -> None:
-    """Create ``path`` with mode 0600 if missing; refuse an existing one others can read."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:
-        raise LeaseStoreError(
-            f"{path}: cannot open the GPU lease database: {exc.strerror}"
-        ) from exc
-    try:
-        info = os.fstat(fd)
-    finally:
-        os.close(fd)
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise LeaseStoreError(
-            f"{path}: the GPU lease database is accessible to group or others "
-            f"(mode {mode:04o}); expected 0600",
-            hint=f"chmod 600 {path}",
-        )
-
-
 class LeaseStore:
     """The lease database: one SQLite file shared by every broker that opens it.
 
@@ -258,8 +213,8 @@ class LeaseStore:
     def __init__(self, *, path: Path, busy_timeout: float = 30.0) -> None:
         """Open (creating if needed) the lease database at ``path``."""
         self._path = Path(path)
-        _private_directory(self._path.parent)
-        _private_file(self._path)
+        private_directory(self._path.parent, what="GPU lease directory", error=LeaseStoreError)
+        private_file(self._path, what="GPU lease database", error=LeaseStoreError)
         try:
             conn = sqlite3.connect(
                 self._path, timeout=busy_timeout, isolation_level=None, check_same_thread=False

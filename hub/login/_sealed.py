@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ztlab.common.errors import KeyFileError
-from ztlab.hub.audit.keys import read_private_key_file, write_private_file
+from ztlab.hub.private import read_private_file, write_private_file
 
 #: length of the key file's contents, in bytes
 KEY_BYTES = 32
@@ -69,7 +69,7 @@ class SealingKey:
 
 def load_key_file(path: Path) -> bytes:
     """The key file's 32 bytes, refusing a missing, malformed or unsafe file."""
-    data = read_private_key_file(path, what="TOTP store key")
+    data = read_private_file(path, what="TOTP store key")
     if len(data) != KEY_BYTES:
         raise KeyFileError(
             f"{path}: a TOTP store key holds exactly {KEY_BYTES} bytes, this file has {len(data)}"

@@ -49,8 +49,8 @@ import segno
 
 from ztlab.common.auditlog.sink import AuditSink
 from ztlab.common.errors import KeyFileError, UsageError, ZtlabError
-from ztlab.hub.audit.keys import check_private_file, write_private_file
 from ztlab.hub.login._sealed import SealingKey, load_key_file, load_or_create_key_file
+from ztlab.hub.private import check_private_file, write_private_file
 
 __all__ = [
     "DIGITS",

@@ -562,7 +562,7 @@ def test_a_loose_registry_directory_is_refused(lab: Lab, tmp_path: Path) -> None
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)
-    with pytest.raises(RegistryError, match="mode 0700"):
+    with pytest.raises(RegistryError, match=r"\(mode 0755\); expected 0700"):
         DatasetRegistry(
             path=loose / "registry.sqlite",
             key=lab.key,

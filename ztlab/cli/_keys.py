@@ -15,9 +15,9 @@ def load_signing_key(path: Path, *, ed25519: bool) -> PrivateKey:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from ztlab.hub.audit.keys import read_private_key_file
+    from ztlab.hub.private import read_private_file
 
-    data = read_private_key_file(path, what="signing key")
+    data = read_private_file(path, what="signing key")
     try:
         key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

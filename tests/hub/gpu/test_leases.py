@@ -489,7 +489,7 @@ def test_the_store_refuses_files_others_can_read(tmp_path: Path) -> None:
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)
     with pytest.raises(
-        LeaseStoreError, match=r"accessible to group or others \(mode 0755\); expected 0700"
+        LeaseStoreError, match=r"readable or writable by group/others \(mode 0755\); expected 0700"
     ):
         LeaseStore(path=loose / "leases.sqlite3")
     private = tmp_path / "private"

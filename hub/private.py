@@ -1,0 +1,136 @@
+"""Files and directories only the control plane may read: one set of helpers for all state.
+
+Every file that holds state or a secret (hub database, cookie secret, keys, the audit log,
+the dataset registry, GPU leases, model signatures, MLflow's stores) is created mode 0600
+in a directory of mode 0700, owned by the control plane's user. An existing one that group
+or others can reach, or that another user owns, is refused with the path and the fix
+(``tighten=True`` instead narrows the mode of one the control plane owns, for directories
+it creates at start-up such as the state directory).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from ztlab.common.errors import KeyFileError, ZtlabError
+
+
+def _check(
+    path: Path, info: os.stat_result, *, what: str, error: type[ZtlabError], directory: bool
+) -> None:
+    kind, expected = ("directory", 0o700) if directory else ("regular file", 0o600)
+    is_kind = stat.S_ISDIR(info.st_mode) if directory else stat.S_ISREG(info.st_mode)
+    if not is_kind:
+        raise error(f"{path}: the {what} is not a {kind}")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise error(
+            f"{path}: the {what} is readable or writable by group/others (mode {mode:04o}); "
+            f"expected {expected:04o}",
+            hint=f"chmod {expected:o} {path}",
+        )
+    if info.st_uid != os.geteuid():
+        raise error(
+            f"{path}: the {what} is owned by uid {info.st_uid}, not by this control-plane "
+            f"user (uid {os.geteuid()})"
+        )
+
+
+def check_private_file(
+    path: Path, info: os.stat_result, *, what: str, error: type[ZtlabError] = KeyFileError
+) -> None:
+    """Refuse a file that is not regular, that group/others may access, or that another
+    user owns; ``what`` names it in the message, ``error`` is the exception to raise."""
+    _check(path, info, what=what, error=error, directory=False)
+
+
+def private_directory(
+    path: Path, *, what: str, error: type[ZtlabError] = ZtlabError, tighten: bool = False
+) -> Path:
+    """Create ``path`` (and parents) with mode 0700, or check an existing one.
+
+    ``tighten``: narrow an existing directory the control plane owns to 0700 instead of
+    refusing it.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+        if tighten and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
+            path.chmod(0o700)
+            info = path.stat()
+    except OSError as exc:
+        raise error(f"{path}: cannot create the {what}: {exc.strerror}") from exc
+    _check(path, info, what=what, error=error, directory=True)
+    return path
+
+
+def private_file(
+    path: Path,
+    *,
+    what: str,
+    error: type[ZtlabError] = ZtlabError,
+    content: bytes | None = None,
+    tighten: bool = False,
+) -> Path:
+    """Create ``path`` with mode 0600 (written with ``content`` and synced), or check it.
+
+    The directory is created 0700 if missing. An existing file is not rewritten; with
+    ``tighten`` one the control plane owns is narrowed to 0600 instead of refused.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise error(f"{path}: cannot open the {what}: {exc.strerror}") from exc
+        try:
+            info = os.fstat(fd)
+            if tighten and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
+                os.fchmod(fd, 0o600)
+                info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        _check(path, info, what=what, error=error, directory=False)
+        return path
+    except OSError as exc:
+        raise error(f"{path}: cannot create the {what}: {exc.strerror}") from exc
+    try:
+        if content:
+            os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 (failing if it exists), write and fsync it."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_private_file(path: Path, *, what: str, error: type[ZtlabError] = KeyFileError) -> bytes:
+    """The bytes of a file only the control plane may read; refuse anything else.
+
+    ``what`` names the file in messages ("signing key"). The file must exist, be a regular
+    file, have no group/other permission bits and belong to this process's user.
+    """
+    try:
+        info = path.stat()
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise error(f"{path}: no such {what}") from exc
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {exc.strerror}") from exc
+    check_private_file(path, info, what=what, error=error)
+    return data
