@@ -39,9 +39,9 @@ def _private_key(path: Path) -> Any:
 @click.option(
     "--key",
     "key_path",
-    required=True,
+    default=None,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="PEM private key, ECDSA P-256 or P-384, mode 0600.",
+    help="PEM private key, ECDSA P-256 or P-384, mode 0600 (or --sigstore).",
 )
 @click.option(
     "--out",
@@ -72,18 +72,64 @@ def _private_key(path: Path) -> Any:
     help="File digest; sha256 is what the upstream model_signing CLI verifies, blake3 is "
     "faster (verified by ztlab and by model-signing's Python API).",
 )
+@click.option(
+    "--sigstore",
+    is_flag=True,
+    help="Sign keyless with Sigstore (needs the network and an identity) instead of a key.",
+)
+@click.option(
+    "--identity-token",
+    "token_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --sigstore: a file holding an OIDC identity token (audience sigstore).",
+)
+@click.option(
+    "--ambient", is_flag=True, help="With --sigstore: take the identity from the environment."
+)
+@click.option(
+    "--sigstore-staging", "staging", is_flag=True, help="Use Sigstore's staging instance."
+)
+@click.option(
+    "--trust-config",
+    "trust_config",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --sigstore: a Sigstore client trust configuration (JSON) to use instead of "
+    "the public instance's.",
+)
 @handle_errors
 def sign_command(
     directory: Path,
-    key_path: Path,
+    key_path: Path | None,
     out: Path,
     certificate_path: Path | None,
     chain_paths: tuple[Path, ...],
     algorithm: str,
+    sigstore: bool,
+    token_path: Path | None,
+    ambient: bool,
+    staging: bool,
+    trust_config: Path | None,
 ) -> None:
-    """Sign every regular file under DIRECTORY into a bundle (git files left out)."""
+    """Sign every regular file under DIRECTORY into a bundle (git files left out).
+
+    Offline with --key (optionally as --certificate of an organisation chain), or keyless
+    with --sigstore where a network and an OIDC identity exist.
+    """
     from ztlab.common.attest.model import sign_model
 
+    if sigstore:
+        if key_path is not None or certificate_path is not None or chain_paths:
+            raise UsageError("--sigstore signs without a key: leave out --key and --certificate")
+        _sign_keyless(directory, out, token_path, ambient, staging, trust_config, algorithm)
+        return
+    if key_path is None:
+        raise UsageError("give --key KEY (offline) or --sigstore (keyless)")
+    if token_path is not None or ambient or staging or trust_config is not None:
+        raise UsageError(
+            "--identity-token, --ambient, --sigstore-staging, --trust-config go with --sigstore"
+        )
     key = _private_key(key_path)
     certificates = None
     if certificate_path is not None:
@@ -102,6 +148,38 @@ def sign_command(
     out.write_text(json.dumps(bundle, indent=2) + "\n", encoding="utf-8")
     files = len(json.loads(bundle_payload(bundle))["predicate"]["resources"])
     click.echo(f"wrote {out}: {files} files signed ({algorithm})")
+
+
+def _sign_keyless(
+    directory: Path,
+    out: Path,
+    token_path: Path | None,
+    ambient: bool,
+    staging: bool,
+    trust_config: Path | None,
+    algorithm: str,
+) -> None:
+    from ztlab.common.attest.keyless import sign_model_keyless
+
+    token = None
+    if token_path is not None:
+        try:
+            token = token_path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the identity token {token_path}: {exc}") from exc
+        if not token:
+            raise UsageError(f"{token_path}: the identity token file is empty")
+    bundle = sign_model_keyless(
+        directory,
+        out,
+        identity_token=token,
+        ambient=ambient,
+        staging=staging,
+        trust_config=trust_config,
+        algorithm=algorithm,
+    )
+    files = len(json.loads(bundle_payload(bundle))["predicate"]["resources"])
+    click.echo(f"wrote {out}: {files} files signed ({algorithm}, Sigstore keyless)")
 
 
 def _certificates(path: Path, key: object = None) -> list[bytes]:
@@ -159,17 +237,52 @@ def bundle_payload(bundle: dict[str, object]) -> bytes:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Trusted root certificate(s) (PEM) for a bundle signed with a certificate chain.",
 )
+@click.option(
+    "--sigstore-identity",
+    "identity",
+    default=None,
+    help="For a Sigstore keyless bundle: the signer's identity (e.g. an e-mail address).",
+)
+@click.option(
+    "--sigstore-issuer",
+    "issuer",
+    default=None,
+    help="With --sigstore-identity: the OIDC issuer that vouched for it (URL).",
+)
+@click.option(
+    "--sigstore-staging", "staging", is_flag=True, help="Trust Sigstore's staging instance."
+)
+@click.option(
+    "--online",
+    is_flag=True,
+    help="Refresh Sigstore's trust root over the network first (default: the copy shipped "
+    "with sigstore-python).",
+)
+@click.option(
+    "--trust-config",
+    "trust_config",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A Sigstore client trust configuration (JSON) to trust instead.",
+)
 @handle_errors
 def verify_command(
     directory: Path,
     bundle_path: Path,
     public_keys: tuple[Path, ...],
     roots_path: Path | None,
+    identity: str | None,
+    issuer: str | None,
+    staging: bool,
+    online: bool,
+    trust_config: Path | None,
 ) -> None:
     """Check the bundle's signature, then every file of DIRECTORY; exit 1 listing changes.
 
-    Give the trusted key(s) with --public-key, or the trusted root(s) with
-    --certificate-chain for a bundle signed with an organisation's certificate.
+    Give the trusted key(s) with --public-key, the trusted root(s) with
+    --certificate-chain for a bundle signed with an organisation's certificate, or the
+    expected signer with --sigstore-identity and --sigstore-issuer for a Sigstore keyless
+    bundle (checked offline against Sigstore's shipped trust root unless --online).
     """
     from ztlab.common.attest import load_public_keys
     from ztlab.common.attest.model import (
@@ -179,14 +292,28 @@ def verify_command(
         verify_model,
     )
 
-    if bool(public_keys) == (roots_path is not None):
-        raise UsageError("give either --public-key or --certificate-chain")
+    modes = [bool(public_keys), roots_path is not None, identity is not None]
+    if sum(modes) != 1:
+        raise UsageError("give one of --public-key, --certificate-chain, --sigstore-identity")
+    if (identity is None) != (issuer is None):
+        raise UsageError("--sigstore-identity and --sigstore-issuer go together")
     try:
         text = bundle_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read the bundle {bundle_path}: {exc}") from exc
     envelope = parse_bundle(text, source=str(bundle_path))
-    if roots_path is not None:
+    if identity is not None and issuer is not None:
+        from ztlab.common.attest.keyless import keyless_signer
+
+        trusted = keyless_signer(
+            text,
+            identity=identity,
+            issuer=issuer,
+            staging=staging,
+            online=online,
+            trust_config=trust_config,
+        )
+    elif roots_path is not None:
         try:
             roots = roots_path.read_bytes()
         except OSError as exc:
