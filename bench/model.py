@@ -159,7 +159,12 @@ def run_approval(*, quick: bool = False) -> list[Row]:
     from ztlab.hub.attest.keys import load_or_create_attestation_key
     from ztlab.hub.audit import AuditLog
     from ztlab.hub.datasets import DatasetRegistry
-    from ztlab.hub.models.mlflow import SERVER_ENVIRONMENT, MlflowREST, server_command
+    from ztlab.hub.models.mlflow import (
+        MlflowREST,
+        proxy_key,
+        server_command,
+        server_environment,
+    )
     from ztlab.hub.models.service import ModelService
     from ztlab.hub.policy import PolicyEngine, Principal
 
@@ -174,11 +179,11 @@ def run_approval(*, quick: bool = False) -> list[Row]:
             server_command(store, port),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, **SERVER_ENVIRONMENT},
+            env={**os.environ, **server_environment(store)},
         )
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait(url)
+            _wait(url, server)
             audit = AuditLog.open(root / "audit" / "audit.jsonl", key_path=root / "audit.key")
             policy = PolicyEngine.defaults(audit=audit)
             key = load_or_create_attestation_key(root / "keys" / "attest.key")
@@ -198,7 +203,7 @@ def run_approval(*, quick: bool = False) -> list[Row]:
             registered = datasets.register(steward, "table@1", str(data))
             service = ModelService(
                 store=store,
-                mlflow=MlflowREST(url),
+                mlflow=MlflowREST(url, key=proxy_key(store)),
                 key=key,
                 policy=policy,
                 audit=audit,
@@ -206,6 +211,7 @@ def run_approval(*, quick: bool = False) -> list[Row]:
                 protected_aliases=["production"],
             )
             service.remember_roles("alice", alice.roles)
+            service.introduce("alice", writer=True)
             weights = root / "weights.bin"
             with weights.open("wb") as handle:
                 for _ in range(0, weights_size, 16 * MIB):
@@ -215,6 +221,7 @@ def run_approval(*, quick: bool = False) -> list[Row]:
                 def predict(self, context: object, model_input: object) -> object:
                     return model_input
 
+            _train_as(MlflowREST(url, key=proxy_key(store), user="alice").headers)
             mlflow.set_tracking_uri(url)
             with mlflow.start_run() as run:
                 import importlib
@@ -235,7 +242,7 @@ def run_approval(*, quick: bool = False) -> list[Row]:
             start = time.perf_counter()
             service.sign(alice, "bench", "1")
             signing = time.perf_counter() - start
-            rest = MlflowREST(url)
+            rest = MlflowREST(url, key=proxy_key(store))
             best = best_of(
                 5,
                 {
@@ -271,14 +278,32 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait(url: str) -> None:
+def _wait(url: str, server: subprocess.Popen[bytes]) -> None:
     import urllib.request
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"MLflow exited with status {server.returncode} before it started")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
                 return
         except OSError:
             time.sleep(0.3)
     raise RuntimeError(f"MLflow did not start at {url}")
+
+
+def _train_as(headers: dict[str, str]) -> None:
+    """Make this process's MLflow client send ``headers`` (what the hub's proxy adds)."""
+    import importlib
+
+    registry: Any = importlib.import_module("mlflow.tracking.request_header.registry")
+
+    class HubIdentity:
+        def in_context(self) -> bool:
+            return True
+
+        def request_headers(self) -> dict[str, str]:
+            return dict(headers)
+
+    registry._request_header_provider_registry.register(HubIdentity)

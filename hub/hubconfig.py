@@ -19,6 +19,8 @@ from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ConfigError
 from ztlab.hub.api import DATA_SCOPE
 from ztlab.hub.login.authenticator import MFAOAuthenticator, rbac_roles
+from ztlab.hub.private import private_directory
+from ztlab.hub.private import private_file as _private_file
 from ztlab.hub.spawner.dedicated import DedicatedUserSpawner
 from ztlab.kernels.kernelspec import KERNEL_NAME
 from ztlab.kernels.kernelspec import install as install_kernelspec
@@ -30,23 +32,13 @@ def hub_dir(config: ZtlabConfig) -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700 and tighten it if it exists."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.chmod(0o700)
-    return path
+    """Create ``path`` (and parents) with mode 0700 and tighten it if the hub owns it."""
+    return private_directory(path, what="state directory", error=ConfigError, tighten=True)
 
 
 def private_file(path: Path, *, content: bytes | None = None) -> Path:
     """Create ``path`` with mode 0600 if missing (with ``content``); tighten it if present."""
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            if content:
-                os.write(fd, content)
-        finally:
-            os.close(fd)
-    path.chmod(0o600)
-    return path
+    return _private_file(path, what="state file", error=ConfigError, content=content, tighten=True)
 
 
 def node_modules() -> Path:
@@ -144,17 +136,20 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     services: list[dict[str, Any]] = []
     if config.models.enabled:
         # MLflow on 127.0.0.1 only; users and kernels reach it through /hub/api/ztlab/mlflow
-        from ztlab.hub.models.mlflow import SERVER_ENVIRONMENT, server_command
+        from ztlab.hub.models.mlflow import server_command, server_environment
 
         store = private_dir(config.models_store)
         auth.models_store = str(store)
         auth.mlflow_url = f"http://127.0.0.1:{config.models.mlflow_port}"
         auth.protected_aliases = list(config.models.protected_aliases)
+        auth.sign_on_register = config.models.sign_on_register
         services.append(
             {
                 "name": "mlflow",
                 "command": server_command(store, config.models.mlflow_port),
-                "environment": dict(SERVER_ENVIRONMENT),
+                "environment": server_environment(
+                    store, default_permission=config.models.default_permission
+                ),
             }
         )
     if config.hub.cull_idle_seconds:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -993,6 +993,28 @@ class ModelsConfig(_Model):
             "Registered-model aliases only the approval service may set or delete (through "
             'MLflow\'s API they are refused for everyone). Default: `["production"]`. '
             'Example: `protected_aliases = ["production", "staging"]`.'
+        ),
+    )
+    sign_on_register: bool = Field(
+        default=True,
+        description=(
+            "Sign each model version as soon as it is registered through the hub (for the "
+            "user who registers it, who must be the run's trainer; lineage is checked as "
+            "for `ztlab.models.sign`). Scheduled runs need no sign call; a refusal leaves the "
+            "version unsigned and is audited. Default: `true`. Example: "
+            "`sign_on_register = false`."
+        ),
+    )
+    default_permission: Annotated[
+        Literal["READ", "NO_PERMISSIONS"], Expect('"READ" or "NO_PERMISSIONS"')
+    ] = Field(
+        default="READ",
+        description=(
+            "What a user may do with another user's MLflow experiments and registered "
+            "models unless granted more (MLflow's own permissions: creators get MANAGE and "
+            "may grant READ, EDIT or MANAGE to others). `READ` lets a team see each other's "
+            'runs; `NO_PERMISSIONS` hides them. Default: `"READ"`. '
+            'Example: `default_permission = "NO_PERMISSIONS"`.'
         ),
     )
     store: AbsPath | None = Field(

@@ -9,7 +9,13 @@ proxy:
 - lets only users the policy allows to ``register_model`` write (create runs, log, register);
   everyone else with a token reads;
 - stamps runs and logged models with the authenticated user (``user_id``, ``mlflow.user``)
-  and remembers the owner; writes to another user's run or model artifacts are refused.
+  and remembers the owner; writes to another user's run or model artifacts are refused;
+- shows MLflow who is asking (:mod:`ztlab.hub.models.mlflow_auth`) so that MLflow's own
+  permissions (READ / EDIT / MANAGE per experiment and registered model) apply, and
+  drops every other header a client sends;
+- forwards only MLflow's REST and artifact APIs, with canonical paths (no ``.``/``..``
+  segments; ``ajax-api`` is checked as ``api``); MLflow's user and role administration is
+  refused (identities come from the hub).
 
 =======  ==================================================  ================================
 method   path (under ``/hub/api/ztlab``)                      what
@@ -28,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import secrets
 import urllib.parse
 from typing import Any, cast
 
@@ -38,6 +46,8 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from ztlab.common.errors import ZtlabError
 from ztlab.hub.api.datasets import _ZtlabAPIHandler
+from ztlab.hub.models.mlflow import MlflowError
+from ztlab.hub.models.mlflow_auth import CONTROL_USER
 
 _NAME = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,127})"
 _VERSION = r"([0-9]{1,9})"
@@ -48,6 +58,45 @@ _READ_POSTS = {
     "api/2.0/mlflow/experiments/get-by-name",
 }
 _HOP_HEADERS = {"connection", "transfer-encoding", "content-encoding", "content-length"}
+#: what the proxy forwards: MLflow's REST and artifact APIs (``ajax-api`` is the UI's alias)
+_FORWARDED = re.compile(r"(?:ajax-)?api/[23]\.0/mlflow(?:-artifacts)?/.*|health|version")
+#: MLflow's user administration a user may reach (the rest is refused: users are the hub's)
+_USER_PATHS = {
+    "api/2.0/mlflow/users/current",
+    "api/3.0/mlflow/users/current/permissions",
+    "api/3.0/mlflow/users/permissions/grant",
+    "api/3.0/mlflow/users/permissions/revoke",
+    "api/3.0/mlflow/users/permissions/get",
+    "api/3.0/mlflow/users/permissions/list",
+}
+_GRANT = "api/3.0/mlflow/users/permissions/grant"
+_NEW_VERSION = "api/2.0/mlflow/model-versions/create"
+_QUOTE_SAFE = "/-_.~!$&'()*+,;=:@"
+
+
+def canonical(path: str) -> str:
+    """The path as the proxy checks it; ``HTTPError(404)`` if it is not forwarded at all.
+
+    ``ajax-api/...`` (the MLflow UI's alias of every REST route) is checked as ``api/...``;
+    ``.``, ``..`` and empty segments (a trailing ``/`` outside artifact listings) are
+    refused so that no spelling of a refused route reaches MLflow.
+    """
+    segments = path.split("/")
+    trailing = segments[-1] == "" and "/mlflow-artifacts/" not in f"/{path}"
+    if any(part in (".", "..") for part in segments) or "" in segments[:-1] or trailing:
+        raise web.HTTPError(404, f"{path!r} is not a canonical MLflow API path.")
+    if not _FORWARDED.fullmatch(path):
+        raise web.HTTPError(404, f"{path!r} is not part of MLflow's REST API.")
+    checked = path.removeprefix("ajax-")
+    if (
+        "/mlflow/users/" in checked
+        or "/mlflow/roles/" in checked
+        or checked.endswith("/mlflow/users")
+    ) and checked not in _USER_PATHS:
+        raise web.HTTPError(
+            403, "MLflow's users and roles are the hub's: manage them in the hub, not here."
+        )
+    return checked
 
 
 class _ModelsHandler(_ZtlabAPIHandler):
@@ -179,10 +228,12 @@ class MlflowProxyHandler(_ModelsHandler):
         self._buffer = bytearray()
         self._queue: asyncio.Queue[bytes | None] | None = None
         self._upload: Any = None
-        path = self.path_args[0] if self.path_args else ""
+        self._writer = False
+        self._raw = self.path_args[0] if self.path_args else ""
+        path = self._checked = canonical(self._raw)
         if self.request.method != "PUT" or not path.startswith(_ARTIFACTS):
             return
-        principal = await self.principal()
+        principal = await self._caller()
         self._guard(principal, "PUT", path, {}, {})
         self.request.connection.set_max_body_size(_MAX_ARTIFACT)
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
@@ -192,13 +243,16 @@ class MlflowProxyHandler(_ModelsHandler):
             while (chunk := await queue.get()) is not None:
                 await write(chunk)
 
-        headers = {"Content-Type": self.request.headers.get("Content-Type", "")}
+        headers = {
+            "Content-Type": self.request.headers.get("Content-Type", ""),
+            **self.service.mlflow.headers_for(principal.name),
+        }
         if "Content-Length" in self.request.headers:
             headers["Content-Length"] = self.request.headers["Content-Length"]
         self._upload = asyncio.ensure_future(
             AsyncHTTPClient().fetch(
                 HTTPRequest(
-                    self._upstream(path),
+                    self._upstream(),
                     method="PUT",
                     body_producer=cast(Any, produce),
                     headers=headers,
@@ -217,9 +271,29 @@ class MlflowProxyHandler(_ModelsHandler):
         if len(self._buffer) > _MAX_BUFFERED:
             raise web.HTTPError(413, "Request too large for the MLflow API.")
 
-    def _upstream(self, path: str) -> str:
-        url = f"{self.service.mlflow.base_url}/{path}"
+    def _upstream(self) -> str:
+        quoted = urllib.parse.quote(self._raw, safe=_QUOTE_SAFE)
+        url = f"{self.service.mlflow.base_url}/{quoted}"
         return f"{url}?{self.request.query}" if self.request.query else url
+
+    async def _caller(self) -> Any:
+        """The authenticated principal, known to MLflow (writers may use ``Default``)."""
+        principal = await self.principal()
+        if principal.name == CONTROL_USER:
+            raise web.HTTPError(403, f"{CONTROL_USER!r} is reserved for the control plane.")
+        service = self.service
+        service.remember_roles(principal.name, principal.roles)
+        self._writer = (
+            self.authenticator.policy_engine.with_audit(None)
+            .authorize(principal, "register_model", "model:mlflow@any")
+            .allowed
+        )
+        try:
+            await asyncio.to_thread(service.introduce, principal.name, writer=self._writer)
+        except ZtlabError as error:
+            self.fail(error)
+            raise web.Finish() from error
+        return principal
 
     def _guard(
         self,
@@ -231,7 +305,7 @@ class MlflowProxyHandler(_ModelsHandler):
     ) -> None:
         """Refuse protected aliases, writes by readers, and writes to others' runs."""
         service = self.service
-        if path == "api/2.0/mlflow/registered-models/alias" and method in ("POST", "DELETE"):
+        if path.endswith("/mlflow/registered-models/alias") and method not in ("GET", "HEAD"):
             alias = args.get("alias") or query.get("alias")
             if alias in service.protected_aliases:
                 self.authenticator.audit.record(
@@ -244,10 +318,7 @@ class MlflowProxyHandler(_ModelsHandler):
                 )
         if method in ("GET", "HEAD") or path in _READ_POSTS:
             return
-        decision = self.authenticator.policy_engine.with_audit(None).authorize(
-            principal, "register_model", "model:mlflow@any"
-        )
-        if not decision.allowed:
+        if not self._writer:
             raise web.HTTPError(403, f"{principal.name} may only read MLflow.")
         owner_of = args.get("run_id") or query.get("run_id") or args.get("run_uuid")
         parts = path.split("/")
@@ -267,10 +338,10 @@ class MlflowProxyHandler(_ModelsHandler):
                 self.set_header(key, value)
         self.finish(response.body or b"")
 
-    async def _forward(self, path: str) -> None:
-        principal = await self.principal()
+    async def _forward(self) -> None:
+        path = self._checked
+        principal = await self._caller()
         service = self.service
-        service.remember_roles(principal.name, principal.roles)
         method = self.request.method or "GET"
         query = dict(urllib.parse.parse_qsl(self.request.query))
         raw = bytes(self._buffer)
@@ -292,8 +363,11 @@ class MlflowProxyHandler(_ModelsHandler):
             for k, v in self.request.headers.get_all()
             if k.lower() in ("content-type", "accept")
         }
+        headers.update(service.mlflow.headers_for(principal.name))
+        if path == _GRANT:
+            await self._introduce(args.get("username"))
         request = HTTPRequest(
-            self._upstream(path),
+            self._upstream(),
             method=method,
             body=payload if method in ("POST", "PUT", "PATCH") else None,
             headers=headers,
@@ -314,18 +388,58 @@ class MlflowProxyHandler(_ModelsHandler):
                 created = answer.get("model", {}).get("info", {}).get("model_id")
             if created:
                 service.record_run(str(created), principal.name)
+            if path == _NEW_VERSION and self.authenticator.sign_on_register:
+                await self._sign_new_version(principal, answer)
         self._relay(response)
+
+    async def _sign_new_version(self, principal: Any, answer: Any) -> None:
+        """Sign a version MLflow just registered; say how it went in ``X-Ztlab-Signature``."""
+        version = answer.get("model_version", {}) if isinstance(answer, dict) else {}
+        name, number = version.get("name"), version.get("version")
+        if not name or not number:
+            return
+        try:
+            signed = await asyncio.to_thread(
+                self.service.sign, principal, str(name), str(number), on_register=True
+            )
+        except ZtlabError as error:
+            # the version stays registered but unsigned; the refusal is audited
+            said = " ".join(error.message.split()).encode("ascii", "replace").decode()
+            self.set_header("X-Ztlab-Signature", f"refused: {said}"[:500])
+            return
+        self.set_header("X-Ztlab-Signature", f"sha256:{signed.digest}")
+
+    async def _introduce(self, username: Any) -> None:
+        """Make a hub user known to MLflow before a grant names them."""
+        if not isinstance(username, str) or self.find_user(username) is None:
+            raise web.HTTPError(404, f"No hub user {username!r} to grant a permission to.")
+        if username == CONTROL_USER:
+            raise web.HTTPError(403, f"{CONTROL_USER!r} is reserved for the control plane.")
+        mlflow = self.service.mlflow
+
+        def create() -> None:
+            try:
+                mlflow.call(
+                    "POST",
+                    "users/create",
+                    {"username": username, "password": secrets.token_urlsafe(32)},
+                )
+            except MlflowError as exc:
+                if exc.code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+
+        await asyncio.to_thread(create)
 
     async def get(self, path: str) -> None:
         """Forward; an artifact download is streamed back, never held in memory."""
-        if path.startswith(_ARTIFACTS):
-            await self._download(path)
+        if self._checked.startswith(_ARTIFACTS):
+            await self._download()
             return
-        await self._forward(path)
+        await self._forward()
 
-    async def _download(self, path: str) -> None:
-        principal = await self.principal()
-        self._guard(principal, "GET", path, {}, {})
+    async def _download(self) -> None:
+        principal = await self._caller()
+        self._guard(principal, "GET", self._checked, {}, {})
         started = False
         status: list[Any] = []
         headers = HTTPHeaders()
@@ -351,7 +465,8 @@ class MlflowProxyHandler(_ModelsHandler):
         try:
             response = await client.fetch(
                 HTTPRequest(
-                    self._upstream(path),
+                    self._upstream(),
+                    headers=self.service.mlflow.headers_for(principal.name),
                     header_callback=on_header,
                     streaming_callback=on_chunk,
                     request_timeout=3600,
@@ -367,11 +482,11 @@ class MlflowProxyHandler(_ModelsHandler):
 
     async def head(self, path: str) -> None:
         """Forward."""
-        await self._forward(path)
+        await self._forward()
 
     async def post(self, path: str) -> None:
         """Forward."""
-        await self._forward(path)
+        await self._forward()
 
     async def put(self, path: str) -> None:
         """Finish a streamed upload, or forward."""
@@ -379,15 +494,15 @@ class MlflowProxyHandler(_ModelsHandler):
             await self._queue.put(None)
             self._relay(await self._upload)
             return
-        await self._forward(path)
+        await self._forward()
 
     async def patch(self, path: str) -> None:
         """Forward."""
-        await self._forward(path)
+        await self._forward()
 
     async def delete(self, path: str) -> None:
         """Forward."""
-        await self._forward(path)
+        await self._forward()
 
     def on_connection_close(self) -> None:
         """Abandon a streamed upload whose client went away."""

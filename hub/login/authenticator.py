@@ -272,6 +272,17 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         """,
     )
 
+    sign_on_register = Bool(
+        True,
+        config=True,
+        help="""Sign each model version when it is registered through the hub's MLflow API.
+
+        The registering user must be the run's trainer; a refusal (lineage, policy) leaves
+        the version unsigned and is audited as ``model.sign.refused``.
+        Example: ``c.MFAOAuthenticator.sign_on_register = False``. Added in 0.2.
+        """,
+    )
+
     protected_aliases = List(
         Unicode(),
         ["production"],
@@ -444,14 +455,14 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         """Model signing and approvals, opened on first use."""
         if self._models is None:
             from ztlab.hub.attest import load_or_create_attestation_key
-            from ztlab.hub.models.mlflow import MlflowREST
+            from ztlab.hub.models.mlflow import MlflowREST, proxy_key
             from ztlab.hub.models.service import ModelService
 
             if not self.models_store or not self.mlflow_url:
                 raise RuntimeError("MFAOAuthenticator.models_store and mlflow_url must be set")
             self._models = ModelService(
                 store=Path(self.models_store),
-                mlflow=MlflowREST(self.mlflow_url),
+                mlflow=MlflowREST(self.mlflow_url, key=proxy_key(Path(self.models_store))),
                 key=load_or_create_attestation_key(Path(self.attestation_key)),
                 policy=self.policy_engine,
                 audit=self.audit,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -37,8 +36,9 @@ from ztlab.common.attest import PrivateKey, key_id
 from ztlab.common.attest.model import parse_bundle, sign_model, verify_model
 from ztlab.common.auditlog.sink import AuditSink
 from ztlab.common.errors import ZtlabError
-from ztlab.hub.models.mlflow import MlflowREST, artifact_path
+from ztlab.hub.models.mlflow import MlflowError, MlflowREST, artifact_path
 from ztlab.hub.policy import PolicyEngine, Principal
+from ztlab.hub.private import private_directory, private_file
 
 
 class ModelServiceError(ZtlabError):
@@ -91,11 +91,10 @@ class ModelService:
         protected_aliases: Sequence[str],
     ) -> None:
         """Open (creating) ``store/models.sqlite``."""
-        store.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(store, 0o700)  # noqa: PTH101
-        path = store / "models.sqlite"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        private_directory(store, what="model store", error=ModelServiceError)
+        path = private_file(
+            store / "models.sqlite", what="model signature database", error=ModelServiceError
+        )
         self.store = store
         self.mlflow = mlflow
         self._key = key
@@ -105,6 +104,8 @@ class ModelService:
         self._datasets = datasets
         self.protected_aliases = tuple(protected_aliases)
         self._lock = threading.Lock()
+        self._introduced: set[tuple[str, bool]] = set()
+        self._roles_seen: dict[str, frozenset[str]] = {}
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -187,8 +188,25 @@ class ModelService:
         rows = self._query("SELECT roles FROM user_roles WHERE user = ?", (user,))
         return frozenset(json.loads(rows[0][0])) if rows else frozenset()
 
+    def introduce(self, user: str, *, writer: bool) -> None:
+        """Make ``user`` known to MLflow; a writer may also run in MLflow's ``Default``
+        experiment (id 0, which nobody created and so nobody manages)."""
+        if (user, writer) in self._introduced:
+            return
+        self.mlflow.create_user(user)
+        if writer:
+            try:
+                self.mlflow.grant(user, "experiment", "0", "EDIT")
+            except MlflowError as exc:
+                if exc.code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        self._introduced.add((user, writer))
+
     def remember_roles(self, user: str, roles: frozenset[str]) -> None:
         """The roles the hub last saw ``user`` with (for lineage checks made later)."""
+        if self._roles_seen.get(user) == roles:
+            return
+        self._roles_seen[user] = roles
         self._query(
             "INSERT OR REPLACE INTO user_roles (user, roles) VALUES (?, ?)",
             (user, json.dumps(sorted(roles))),
@@ -213,8 +231,15 @@ class ModelService:
 
     # -- signing ----------------------------------------------------------------------
 
-    def sign(self, principal: Principal, name: str, version: str) -> Signature:
-        """Hash the artifacts from the store, check lineage, sign; see the module docstring."""
+    def sign(
+        self, principal: Principal, name: str, version: str, *, on_register: bool = False
+    ) -> Signature:
+        """Hash the artifacts from the store, check lineage, sign; see the module docstring.
+
+        A version signed already (e.g. when it was registered) is re-verified against its
+        artifacts and its signature returned. ``on_register``: the hub signs as the version
+        is registered (recorded in the audit record).
+        """
         self.remember_roles(principal.name, principal.roles)
         model_version = self.mlflow.model_version(name, version)
         run_id = str(model_version.get("run_id") or "")
@@ -234,9 +259,8 @@ class ModelService:
             raise self._refuse(
                 principal.name, "model.sign", name, version, f"not allowed: {decision.reason}"
             )
-        existing = self.signature(name, version)
-        if existing is not None:
-            raise ModelServiceError(f"{name} version {version} is already signed", status=409)
+        if self.signature(name, version) is not None:
+            return self.verify_now(name, version)
         try:
             datasets = self._lineage(trainer, self.mlflow.run(run_id))
         except ModelServiceError as exc:
@@ -257,11 +281,14 @@ class ModelService:
         text = json.dumps(bundle, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()
         now = time.time()
-        self._query(
-            "INSERT INTO signatures (name, version, trainer, run_id, bundle, digest, signed_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (name, version, trainer, run_id, text, digest, now),
-        )
+        try:
+            self._query(
+                "INSERT INTO signatures (name, version, trainer, run_id, bundle, digest, "
+                "signed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, version, trainer, run_id, text, digest, now),
+            )
+        except sqlite3.IntegrityError:  # signed meanwhile by a concurrent request
+            return self.verify_now(name, version)
         self.mlflow.set_version_tag(name, version, "ztlab.signature", digest)
         self._audit.record(
             actor=principal.name,
@@ -273,6 +300,7 @@ class ModelService:
                 "datasets": datasets,
                 "bundle_sha256": digest,
                 "keyid": self.keyid,
+                "on_register": on_register,
             },
         )
         return Signature(name, version, trainer, run_id, text, digest, now)

@@ -107,10 +107,17 @@ def test_train_sign_approve_load(models_stack: DataStack, alice: Kernel) -> None
     data, stack = models_stack, models_stack.stack
     out = alice.ok(TRAIN.format(name="churn", extra=""), timeout=240)
     assert "trained" in out
-    signed = alice.ok("print(zm.sign('churn', 1))")
-    assert "'trainer': 'alice'" in signed
+    # registering through the hub signed the version at once (sign_on_register)
+    shown = data.call("alice", "GET", "/models/churn/1").json()
+    assert shown["signed"] is True
+    assert shown["trainer"] == "alice"
     record = stack.wait_record("model.sign", actor="alice")
     assert record.detail["datasets"][0]["dataset"] == "iris@1"
+    assert record.detail["on_register"] is True
+    # asking again re-verifies and returns the same signature
+    signed = alice.ok("print(zm.sign('churn', 1))")
+    assert "'trainer': 'alice'" in signed
+    assert shown["bundle"] == data.call("alice", "GET", "/models/churn/1").json()["bundle"]
     # a user cannot move the protected alias through MLflow's API, whoever they are
     for user in ("alice", "paul"):
         moved = data.call(
@@ -237,12 +244,17 @@ def test_self_approval_is_refused(models_stack: DataStack, tmp_path: Path) -> No
 
 def test_unregistered_or_forged_lineage_is_refused(models_stack: DataStack, alice: Kernel) -> None:
     stack = models_stack.stack
+    before = stack.audit_size()
     alice.ok(
         TRAIN.format(
             name="leaky", extra="mlflow.log_input(mlflow.data.from_pandas(frame, name='raw'))"
         ),
         timeout=240,
     )
+    # registered, but not signed when it was registered: the refusal is audited
+    assert models_stack.call("alice", "GET", "/models/leaky/1").json()["signed"] is False
+    refusal = stack.wait_record("model.sign.refused", actor="alice", since=before)
+    assert "not a registered dataset" in refusal.detail["reason"]
     outcome = alice.run("zm.sign('leaky', 1)")
     assert outcome.status == "error"
     assert "not a registered dataset" in (outcome.evalue or "")
@@ -301,3 +313,112 @@ def test_large_artifacts_stream_through_the_hub(models_stack: DataStack, alice: 
         timeout=300,
     )
     assert out.split()[-2:] == ["True", str(150 * 1024 * 1024)]
+
+
+def test_mlflow_answers_only_the_hub_and_only_for_the_token_holder(
+    models_stack: DataStack,
+) -> None:
+    data, stack = models_stack, models_stack.stack
+    port = _mlflow_port(stack.state_dir)
+    direct = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5"
+    # another process on the machine that connects to MLflow directly: refused
+    assert requests.get(direct, timeout=10).status_code == 401
+    forged = {"X-Ztlab-User": "alice", "X-Ztlab-Proxy-Key": "guess"}
+    assert requests.get(direct, headers=forged, timeout=10).status_code == 401
+    # the same forged headers sent through the hub are dropped: vera stays vera
+    me = requests.get(
+        f"{data.api}/ztlab/mlflow/api/2.0/mlflow/users/current",
+        headers={"Authorization": f"token {data.token('vera')}", **forged},
+        timeout=30,
+    )
+    assert me.status_code == 200, me.text
+    assert me.json()["user"]["username"] == "vera"
+    assert me.json()["user"]["is_admin"] is False
+    # MLflow's user administration is the hub's, not MLflow's
+    for path, body in [
+        ("api/2.0/mlflow/users/create", {"username": "mallory", "password": "x" * 16}),
+        ("api/2.0/mlflow/users/update-admin", {"username": "alice", "is_admin": True}),
+        ("ajax-api/2.0/mlflow/users/update-admin", {"username": "alice", "is_admin": True}),
+        ("api/3.0/mlflow/roles/create", {"name": "r", "workspace": "default"}),
+    ]:
+        refused = data.call("alice", "POST", f"/mlflow/{path}", body)
+        assert refused.status_code == 403, (path, refused.text)
+        assert "the hub's" in refused.json()["message"]
+
+
+def test_experiments_are_the_creators_until_they_grant_more(models_stack: DataStack) -> None:
+    data = models_stack
+    base = "/mlflow/api/2.0/mlflow"
+    created = data.call("alice", "POST", f"{base}/experiments/create", {"name": "alice-only"})
+    assert created.status_code == 200, created.text
+    experiment = created.json()["experiment_id"]
+    # default READ: tess (a trainer) sees alice's experiment but cannot run in it
+    seen = data.call("tess", "GET", f"{base}/experiments/get?experiment_id={experiment}")
+    assert seen.status_code == 200
+    run = {"experiment_id": experiment}
+    assert data.call("tess", "POST", f"{base}/runs/create", run).status_code == 403
+    # nor give herself (or anyone) more: granting needs MANAGE on the experiment
+    grant = "/mlflow/api/3.0/mlflow/users/permissions/grant"
+    edit = {
+        "username": "tess",
+        "resource_type": "experiment",
+        "resource_id": experiment,
+        "permission": "EDIT",
+    }
+    assert data.call("tess", "POST", grant, edit).status_code == 403
+    assert data.call("vera", "POST", grant, {**edit, "username": "vera"}).status_code == 403
+    # a grant to someone who is not a hub user is refused by the hub
+    stranger = data.call("alice", "POST", grant, {**edit, "username": "nobody-here"})
+    assert stranger.status_code == 404
+    # alice (MANAGE as the creator) grants EDIT; now tess may run there
+    granted = data.call("alice", "POST", grant, edit)
+    assert granted.status_code == 200, granted.text
+    ran = data.call("tess", "POST", f"{base}/runs/create", run)
+    assert ran.status_code == 200, ran.text
+    # the run is tess's: alice's MANAGE on the experiment does not make it hers to write
+    logged = data.call(
+        "alice",
+        "POST",
+        f"{base}/runs/log-metric",
+        {
+            "run_id": ran.json()["run"]["info"]["run_id"],
+            "key": "m",
+            "value": 1.0,
+            "timestamp": 0,
+        },
+    )
+    assert logged.status_code == 403
+    assert "belongs to tess" in logged.json()["message"]
+
+
+def test_no_spelling_of_a_protected_alias_route_reaches_mlflow(
+    models_stack: DataStack, alice: Kernel
+) -> None:
+    data, stack = models_stack, models_stack.stack
+    alice.ok(TRAIN.format(name="spelled", extra=""), timeout=240)
+    body = {"name": "spelled", "alias": "production", "version": "1"}
+    # (dot segments may already be removed by the HTTP client or the proxy in front of
+    # the hub; whichever layer sees them, the alias must stay unset)
+    for path in [
+        "ajax-api/2.0/mlflow/registered-models/alias",
+        "api/2.0/mlflow/%2E%2E/mlflow/registered-models/alias",
+        "api/2.0/mlflow/registered-models//alias",
+        "api/2.0/mlflow/registered-models/alias%2F",
+        "ajax-api/2.0/mlflow/./registered-models/alias",
+        "graphql",
+    ]:
+        answer = data.call("alice", "POST", f"/mlflow/{path}", body)
+        assert answer.status_code in (403, 404), (path, answer.text)
+    stack.wait_record("model.alias.refused", actor="alice")
+    alias = "/mlflow/api/2.0/mlflow/registered-models/alias"
+    unset = data.call("alice", "GET", f"{alias}?name=spelled&alias=production")
+    assert unset.status_code in (400, 404), unset.text
+    assert "alias production not found" in unset.json()["message"]
+
+
+def _mlflow_port(state_dir: Path) -> int:
+    """The MLflow port the stack's hub was configured with."""
+    import tomllib
+
+    config = tomllib.loads((state_dir.parent / "ztlab.toml").read_text())
+    return int(config["models"]["mlflow_port"])
