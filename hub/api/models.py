@@ -288,6 +288,8 @@ class MlflowProxyHandler(_ModelsHandler):
             .authorize(principal, "register_model", "model:mlflow@any")
             .allowed
         )
+        if service.introduced(principal.name, writer=self._writer):
+            return principal
         try:
             await asyncio.to_thread(service.introduce, principal.name, writer=self._writer)
         except ZtlabError as error:

@@ -188,6 +188,10 @@ class ModelService:
         rows = self._query("SELECT roles FROM user_roles WHERE user = ?", (user,))
         return frozenset(json.loads(rows[0][0])) if rows else frozenset()
 
+    def introduced(self, user: str, *, writer: bool) -> bool:
+        """Whether :meth:`introduce` has been done for ``user`` in this role."""
+        return (user, writer) in self._introduced
+
     def introduce(self, user: str, *, writer: bool) -> None:
         """Make ``user`` known to MLflow; a writer may also run in MLflow's ``Default``
         experiment (id 0, which nobody created and so nobody manages)."""
