@@ -109,3 +109,17 @@ def test_up_refuses_an_invalid_config(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "audit.checkpoint_interval_seconds" in result.stderr
     assert not (tmp_path / "state").exists()  # nothing starts on a half-valid config
+
+
+def test_the_hub_refuses_to_start_when_the_mlflow_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config, _ = _config(tmp_path, f"[models]\nmlflow_port = {port}\n")
+        result = CliRunner().invoke(cli, ["hub", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert f"models.mlflow_port: port {port} on 127.0.0.1 is in use" in result.stderr
+    assert "ss -ltnp" in result.stderr

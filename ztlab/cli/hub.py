@@ -36,11 +36,33 @@ def hub_command_line(config_path: Path) -> tuple[list[str], dict[str, str], Path
             raise UsageError("jupyterhub is not installed in this environment")
         jupyterhub = Path(found)
     node_modules()  # fail early, with the fix, if the npm parts are missing
+    if config.models.enabled:
+        _check_port_free(config.models.mlflow_port, "models.mlflow_port", config_path)
     hub_config = Path(__file__).resolve().parents[1] / "hub" / "jupyterhub_config.py"
     env = dict(os.environ, ZTLAB_CONFIG=str(config_path.resolve()))
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
     workdir = private_dir(hub_dir(config))
     return [str(jupyterhub), "-f", str(hub_config)], env, workdir
+
+
+def _check_port_free(port: int, key: str, config_path: Path) -> None:
+    """Refuse to start when a managed service's port is taken (JupyterHub would restart the
+    service forever, each start failing to bind)."""
+    import errno
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise UsageError(
+                f"{config_path}: {key}: port {port} on 127.0.0.1 is in use by another process",
+                hint=f"stop it (`ss -ltnp 'sport = :{port}'` names it; an MLflow server left "
+                f"by a hub that crashed is one) or set {key} to a free port",
+            ) from exc
 
 
 @click.command("hub", short_help="Run the hub (JupyterHub, proxy, MFA login) here.")
