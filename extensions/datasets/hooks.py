@@ -34,12 +34,22 @@ _flagged: set[str] = set()
 _reports: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
 
 
+_roots_cache: tuple[tuple[int, str | None], tuple[str, ...]] = ((0, None), ())
+
+
 def _roots() -> tuple[str, ...]:
+    """Directories whose files are dataset files (rebuilt only when they change: the hook
+    runs on every ``open`` in the kernel)."""
+    global _roots_cache  # one cache for the process-wide hook
     mount = os.environ.get("ZTLAB_DATASETS_MOUNT")
+    key = (len(verified.OPENED), mount)
+    if _roots_cache[0] == key:
+        return _roots_cache[1]
     roots = [d + "/" for d in verified.OPENED]
     if mount:
         roots.append(mount.rstrip("/") + "/")
-    return tuple(roots)
+    _roots_cache = (key, tuple(roots))
+    return _roots_cache[1]
 
 
 def _owner(path: str) -> str | None:
