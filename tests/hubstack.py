@@ -124,6 +124,7 @@ def write_config(
     secret_file: Path,
     extra: str = "",
     models: bool = False,
+    session_max_age: int = 8,
 ) -> None:
     """A ztlab.toml for a test stack; ``extra`` is appended (whole TOML tables)."""
     path.write_text(
@@ -141,7 +142,7 @@ checkpoint_interval_seconds = 0.5
 [login]
 issuer = "{issuer}"
 client_id = "ztlab-hub"
-session_max_age_seconds = 8
+session_max_age_seconds = {session_max_age}
 auth_refresh_age_seconds = 1
 totp_max_failures = 3
 allowed_networks = ["127.0.0.1/32"]
@@ -174,6 +175,7 @@ def running_stack(
     pool: str = "10.217.0.0/16",
     table: str = "ztlab_test_login",
     models: bool = False,
+    session_max_age: int = 8,
 ) -> Iterator[LoginStack]:
     """Start provider, tampering proxy and hub under ``root``; stop them all on exit.
 
@@ -227,6 +229,7 @@ def running_stack(
         secret_file=secret_file,
         extra=f'[sandbox]\naddress_pool = "{pool}"\nfirewall_table = "{table}"\n{extra_config}',
         models=models,
+        session_max_age=session_max_age,
     )
     hub_log = root / "hub.log"
     ztlab = Path(sys.executable).with_name("ztlab")

@@ -82,7 +82,7 @@ def test_the_model_store_refuses_a_database_others_can_read(tmp_path: Path) -> N
     store = private_directory(tmp_path / "mlflow", what="store")
     (store / "models.sqlite").write_bytes(b"")
     (store / "models.sqlite").chmod(0o644)
-    with pytest.raises(ModelServiceError, match=r"model signature database .* mode 0644"):
+    with pytest.raises(ModelServiceError, match=r"model signature database .*\(mode 0644\)"):
         ModelService(
             store=store,
             mlflow=MlflowREST("http://127.0.0.1:9"),
