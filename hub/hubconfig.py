@@ -143,10 +143,18 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
         auth.mlflow_url = f"http://127.0.0.1:{config.models.mlflow_port}"
         auth.protected_aliases = list(config.models.protected_aliases)
         auth.sign_on_register = config.models.sign_on_register
+        auth.artifacts_destination = config.models.artifacts_destination or ""
+        if config.models.s3_endpoint_url:
+            # for the server (passed on below) and for the signing service in this process
+            os.environ["MLFLOW_S3_ENDPOINT_URL"] = config.models.s3_endpoint_url
         services.append(
             {
                 "name": "mlflow",
-                "command": server_command(store, config.models.mlflow_port),
+                "command": server_command(
+                    store,
+                    config.models.mlflow_port,
+                    destination=config.models.artifacts_destination,
+                ),
                 "environment": server_environment(
                     store, default_permission=config.models.default_permission
                 ),

@@ -124,6 +124,7 @@ def write_config(
     secret_file: Path,
     extra: str = "",
     models: bool = False,
+    models_extra: str = "",
     session_max_age: int = 8,
 ) -> None:
     """A ztlab.toml for a test stack; ``extra`` is appended (whole TOML tables)."""
@@ -160,6 +161,7 @@ oidc_client_secret = {{ file = "{secret_file}" }}
 [models]
 enabled = {"true" if models else "false"}
 mlflow_port = {free_port()}
+{models_extra}
 
 {extra}
 """
@@ -175,6 +177,7 @@ def running_stack(
     pool: str = "10.217.0.0/16",
     table: str = "ztlab_test_login",
     models: bool = False,
+    models_extra: str = "",
     session_max_age: int = 8,
 ) -> Iterator[LoginStack]:
     """Start provider, tampering proxy and hub under ``root``; stop them all on exit.
@@ -229,6 +232,7 @@ def running_stack(
         secret_file=secret_file,
         extra=f'[sandbox]\naddress_pool = "{pool}"\nfirewall_table = "{table}"\n{extra_config}',
         models=models,
+        models_extra=models_extra,
         session_max_age=session_max_age,
     )
     hub_log = root / "hub.log"

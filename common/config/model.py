@@ -1017,6 +1017,32 @@ class ModelsConfig(_Model):
             'Example: `default_permission = "NO_PERMISSIONS"`.'
         ),
     )
+    artifacts_destination: (
+        Annotated[
+            str,
+            StringConstraints(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"),
+            Expect("an s3://BUCKET/PREFIX URI"),
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description=(
+            "Object storage for model artifacts (S3 or S3-compatible) instead of the local "
+            "store. MLflow writes there, and the signing service reads the files straight "
+            "from it with the hub's credentials, taken from the hub's environment "
+            "(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`...; never from this "
+            "file); needs `pip install 'zerotrust-lab[s3]'`. Default: none (local). "
+            'Example: `artifacts_destination = "s3://ml-artifacts/ztlab"`.'
+        ),
+    )
+    s3_endpoint_url: HttpUrlText | None = Field(
+        default=None,
+        description=(
+            "Endpoint of an S3-compatible service (MinIO, Ceph...) for "
+            "`artifacts_destination`. Default: none (AWS). "
+            'Example: `s3_endpoint_url = "https://minio.example.org"`.'
+        ),
+    )
     store: AbsPath | None = Field(
         default=None,
         description=(

@@ -272,6 +272,17 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         """,
     )
 
+    artifacts_destination = Unicode(
+        "",
+        config=True,
+        help="""Object storage holding MLflow's artifacts (``s3://BUCKET/PREFIX``), or empty.
+
+        Empty: the artifacts are under ``models_store``. Otherwise the signing service reads
+        them straight from there with the hub's own credentials.
+        Example: ``c.MFAOAuthenticator.artifacts_destination = "s3://ml/ztlab"``. Added in 0.2.
+        """,
+    )
+
     sign_on_register = Bool(
         True,
         config=True,
@@ -468,6 +479,7 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
                 audit=self.audit,
                 datasets=self.dataset_registry_store,
                 protected_aliases=list(self.protected_aliases),
+                artifacts_destination=self.artifacts_destination or None,
             )
         return self._models
 

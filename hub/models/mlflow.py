@@ -11,6 +11,7 @@ per-experiment and per-model permissions. The control plane calls it directly wi
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 import urllib.error
@@ -35,8 +36,12 @@ class MlflowError(ZtlabError):
         self.code = code
 
 
-def server_command(store: Path, port: int) -> list[str]:
-    """The ``mlflow server`` command for the hub's managed service (with MLflow's auth app)."""
+def server_command(store: Path, port: int, *, destination: str | None = None) -> list[str]:
+    """The ``mlflow server`` command for the hub's managed service (with MLflow's auth app).
+
+    ``destination``: where artifacts go (``s3://bucket/prefix``); by default the local
+    store's ``artifacts`` directory.
+    """
     mlflow = Path(sys.executable).with_name("mlflow")
     return [
         str(mlflow),
@@ -50,7 +55,7 @@ def server_command(store: Path, port: int) -> list[str]:
         "--backend-store-uri",
         f"sqlite:///{store / 'mlflow.db'}",
         "--artifacts-destination",
-        str(store / "artifacts"),
+        destination or str(store / "artifacts"),
         "--serve-artifacts",
         "--workers",
         "1",
@@ -70,6 +75,34 @@ def proxy_key(store: Path) -> str:
         content=secrets.token_urlsafe(32).encode(),
     )
     return read_private_file(path, what="MLflow proxy key", error=MlflowError).decode().strip()
+
+
+#: the hub's environment variables the server gets for object storage (credentials stay in
+#: the environment or the files these name, never in ztlab.toml)
+OBJECT_STORE_ENVIRONMENT = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_CA_BUNDLE",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_S3_IGNORE_TLS",
+)
+
+
+def remote_artifact_uri(destination: str, uri: str) -> str:
+    """Where in object storage an ``mlflow-artifacts:/PATH`` URI's files are (no escape)."""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme != "mlflow-artifacts":
+        raise MlflowError(f"artifacts at {uri!r} are not in the hub's artifact store", status=400)
+    parts = [p for p in parsed.path.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise MlflowError(f"artifact URI {uri!r} leaves the artifact store", status=400)
+    return destination.rstrip("/") + "/" + "/".join(parts)
 
 
 def server_environment(store: Path, *, default_permission: str = "READ") -> dict[str, str]:
@@ -107,6 +140,7 @@ def server_environment(store: Path, *, default_permission: str = "READ") -> dict
         "MLFLOW_AUTH_ADMIN_PASSWORD": secrets.token_urlsafe(32),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32),
         KEY_ENV: proxy_key(store),
+        **{name: os.environ[name] for name in OBJECT_STORE_ENVIRONMENT if name in os.environ},
     }
 
 

@@ -22,12 +22,15 @@ Every refusal is audited too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import sqlite3
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ from ztlab.common.attest import PrivateKey, key_id
 from ztlab.common.attest.model import parse_bundle, sign_model, verify_model
 from ztlab.common.auditlog.sink import AuditSink
 from ztlab.common.errors import ZtlabError
-from ztlab.hub.models.mlflow import MlflowError, MlflowREST, artifact_path
+from ztlab.hub.models.mlflow import MlflowError, MlflowREST, artifact_path, remote_artifact_uri
 from ztlab.hub.policy import PolicyEngine, Principal
 from ztlab.hub.private import private_directory, private_file
 
@@ -89,6 +92,7 @@ class ModelService:
         audit: AuditSink,
         datasets: Any,
         protected_aliases: Sequence[str],
+        artifacts_destination: str | None = None,
     ) -> None:
         """Open (creating) ``store/models.sqlite``."""
         private_directory(store, what="model store", error=ModelServiceError)
@@ -103,6 +107,7 @@ class ModelService:
         self._audit = audit
         self._datasets = datasets
         self.protected_aliases = tuple(protected_aliases)
+        self.artifacts_destination = artifacts_destination
         self._lock = threading.Lock()
         self._introduced: set[tuple[str, bool]] = set()
         self._roles_seen: dict[str, frozenset[str]] = {}
@@ -139,19 +144,54 @@ class ModelService:
         )
         return ModelServiceError(message, status=status)
 
-    def artifacts_dir(self, version: dict[str, Any]) -> Path:
-        """The local directory holding a model version's artifacts."""
+    def _artifact_uri(self, version: dict[str, Any]) -> str:
+        """The ``mlflow-artifacts:/...`` URI of a model version's files."""
         source = str(version.get("source", ""))
         if source.startswith("models:/m-"):
             info = self.mlflow.logged_model(source.removeprefix("models:/"))["info"]
-            return artifact_path(self.store, str(info["artifact_uri"]))
+            return str(info["artifact_uri"])
         if source.startswith("mlflow-artifacts:"):
-            return artifact_path(self.store, source)
+            return source
         raise ModelServiceError(
             f"cannot locate the artifacts of {version.get('name')} version "
             f"{version.get('version')} (source {source!r})",
             status=400,
         )
+
+    @contextlib.contextmanager
+    def artifacts(self, version: dict[str, Any]) -> Iterator[Path]:
+        """A local directory with the version's files, read straight from the store.
+
+        The local store is read in place. From object storage (``artifacts_destination``,
+        e.g. ``s3://...``) the files are fetched with MLflow's artifact repository for that
+        store (the hub's own credentials, not through the MLflow server) into a private
+        directory under ``<store>/staging`` that is removed afterwards.
+        """
+        uri = self._artifact_uri(version)
+        if self.artifacts_destination is None:
+            yield artifact_path(self.store, uri)
+            return
+        remote = remote_artifact_uri(self.artifacts_destination, uri)
+        staging = private_directory(
+            self.store / "staging", what="artifact staging directory", error=ModelServiceError
+        )
+        with tempfile.TemporaryDirectory(dir=staging) as local:
+            try:
+                registry: Any = importlib.import_module(
+                    "mlflow.store.artifact.artifact_repository_registry"
+                )
+                registry.get_artifact_repository(remote).download_artifacts("", dst_path=local)
+            except ImportError as exc:
+                raise ModelServiceError(
+                    f"cannot read {remote}: {exc}",
+                    status=500,
+                    hint="install the object-storage client: pip install 'zerotrust-lab[s3]'",
+                ) from exc
+            except Exception as exc:  # botocore and MLflow errors share no base
+                raise ModelServiceError(
+                    f"cannot read the artifacts at {remote}: {exc}", status=502
+                ) from exc
+            yield Path(local)
 
     def _lineage(self, trainer: str, run: dict[str, Any]) -> list[dict[str, str]]:
         """The run's datasets, each checked against the registry; raises when one is not."""
@@ -269,19 +309,19 @@ class ModelService:
             datasets = self._lineage(trainer, self.mlflow.run(run_id))
         except ModelServiceError as exc:
             raise self._refuse(principal.name, "model.sign", name, version, exc.message) from exc
-        directory = self.artifacts_dir(model_version)
-        bundle = sign_model(
-            directory,
-            self._key,
-            mmap=False,  # the hub must not map files a trainer's upload may truncate
-            extra={
-                "model": name,
-                "version": version,
-                "trainer": trainer,
-                "run_id": run_id,
-                "datasets": datasets,
-            },
-        )
+        with self.artifacts(model_version) as directory:
+            bundle = sign_model(
+                directory,
+                self._key,
+                mmap=False,  # the hub must not map files a trainer's upload may truncate
+                extra={
+                    "model": name,
+                    "version": version,
+                    "trainer": trainer,
+                    "run_id": run_id,
+                    "datasets": datasets,
+                },
+            )
         text = json.dumps(bundle, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()
         now = time.time()
@@ -314,12 +354,13 @@ class ModelService:
         stored = self.signature(name, version)
         if stored is None:
             raise ModelServiceError(f"{name} version {version} is not signed", status=409)
-        check = verify_model(
-            self.artifacts_dir(self.mlflow.model_version(name, version)),
-            parse_bundle(stored.bundle),
-            {self.keyid: self._key.public_key()},
-            mmap=False,
-        )
+        with self.artifacts(self.mlflow.model_version(name, version)) as directory:
+            check = verify_model(
+                directory,
+                parse_bundle(stored.bundle),
+                {self.keyid: self._key.public_key()},
+                mmap=False,
+            )
         if not check.ok:
             changed = [m[0] for m in check.modified] + check.missing + check.extra
             changed += [r.path for r in check.refused]
