@@ -230,7 +230,14 @@ class MlflowProxyHandler(_ModelsHandler):
         self._upload: Any = None
         self._writer = False
         self._raw = self.path_args[0] if self.path_args else ""
-        path = self._checked = canonical(self._raw)
+        # a refused path is answered once the body has been read: answering (and closing)
+        # while the client still sends makes the proxy in front report a broken connection
+        self._refused: web.HTTPError | None = None
+        try:
+            path = self._checked = canonical(self._raw)
+        except web.HTTPError as refused:
+            self._refused, self._checked = refused, ""
+            return
         if self.request.method != "PUT" or not path.startswith(_ARTIFACTS):
             return
         principal = await self._caller()
@@ -340,7 +347,13 @@ class MlflowProxyHandler(_ModelsHandler):
                 self.set_header(key, value)
         self.finish(response.body or b"")
 
+    def _refuse_now(self) -> None:
+        """Raise the refusal :meth:`prepare` found, if any."""
+        if self._refused is not None:
+            raise self._refused
+
     async def _forward(self) -> None:
+        self._refuse_now()
         path = self._checked
         principal = await self._caller()
         service = self.service
@@ -440,6 +453,7 @@ class MlflowProxyHandler(_ModelsHandler):
         await self._forward()
 
     async def _download(self) -> None:
+        self._refuse_now()
         principal = await self._caller()
         self._guard(principal, "GET", self._checked, {}, {})
         started = False
