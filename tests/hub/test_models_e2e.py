@@ -60,16 +60,19 @@ def models_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataStack
         table="ztlab_test_models",
         models=True,
     ) as stack:
-        data = DataStack(stack, store)
-        deadline = time.monotonic() + 90
-        while data.call("alice", "GET", "/mlflow/health").status_code != 200:
-            assert time.monotonic() < deadline, stack.hub_log.read_text()[-3000:]
-            time.sleep(0.5)
-        answer = data.call(
-            "sam", "POST", "/datasets", {"ref": "iris@1", "path": str(store / "iris" / "1")}
-        )
-        assert answer.status_code == 201, answer.text
-        yield data
+        yield ready(DataStack(stack, store))
+
+
+def ready(data: DataStack) -> DataStack:
+    """Wait for MLflow behind the hub; register ``iris@1`` (as ``sam``)."""
+    deadline = time.monotonic() + 90
+    while data.call("alice", "GET", "/mlflow/health").status_code != 200:
+        assert time.monotonic() < deadline, data.stack.hub_log.read_text()[-3000:]
+        time.sleep(0.5)
+    path = str(data.store / "iris" / "1")
+    answer = data.call("sam", "POST", "/datasets", {"ref": "iris@1", "path": path})
+    assert answer.status_code == 201, answer.text
+    return data
 
 
 def kernel_env(data: DataStack, user: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 
 from tests.dataset_fixtures import add_tables
 from tests.hub.test_datasets_e2e import DataStack, _user
-from tests.hub.test_models_e2e import TRAIN, kernel_env
+from tests.hub.test_models_e2e import TRAIN, kernel_env, ready
 from tests.hubstack import running_stack
 from tests.kernel_session import secure_kernel
 
@@ -82,16 +81,7 @@ def s3_stack(tmp_path_factory: pytest.TempPathFactory, s3: Any) -> Iterator[Data
             f'artifacts_destination = "s3://{BUCKET}/mlflow"\ns3_endpoint_url = "{s3.endpoint}"\n'
         ),
     ) as stack:
-        data = DataStack(stack, store)
-        deadline = time.monotonic() + 90
-        while data.call("alice", "GET", "/mlflow/health").status_code != 200:
-            assert time.monotonic() < deadline, stack.hub_log.read_text()[-3000:]
-            time.sleep(0.5)
-        answer = data.call(
-            "sam", "POST", "/datasets", {"ref": "iris@1", "path": str(store / "iris" / "1")}
-        )
-        assert answer.status_code == 201, answer.text
-        yield data
+        yield ready(DataStack(stack, store))
 
 
 def _objects(s3: Any) -> dict[str, int]:
