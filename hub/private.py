@@ -79,32 +79,25 @@ def private_file(
     The directory is created 0700 if missing. An existing file is not rewritten; with
     ``tighten`` one the control plane owns is narrowed to 0600 instead of refused.
     """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            raise error(f"{path}: cannot open the {what}: {exc.strerror}") from exc
-        try:
-            info = os.fstat(fd)
-            if tighten and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
-                os.fchmod(fd, 0o600)
-                info = os.fstat(fd)
-        finally:
-            os.close(fd)
-        _check(path, info, what=what, error=error, directory=False)
+        write_private_file(path, content or b"")
         return path
+    except FileExistsError:
+        pass
     except OSError as exc:
         raise error(f"{path}: cannot create the {what}: {exc.strerror}") from exc
     try:
-        if content:
-            os.write(fd, content)
-        os.fsync(fd)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise error(f"{path}: cannot open the {what}: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if tighten and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+            info = os.fstat(fd)
     finally:
         os.close(fd)
+    _check(path, info, what=what, error=error, directory=False)
     return path
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import secrets
 import urllib.parse
 from typing import Any, cast
 
@@ -46,7 +45,6 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from ztlab.common.errors import ZtlabError
 from ztlab.hub.api.datasets import _ZtlabAPIHandler
-from ztlab.hub.models.mlflow import MlflowError
 from ztlab.hub.models.mlflow_auth import CONTROL_USER
 
 _NAME = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,127})"
@@ -430,20 +428,7 @@ class MlflowProxyHandler(_ModelsHandler):
             raise web.HTTPError(404, f"No hub user {username!r} to grant a permission to.")
         if username == CONTROL_USER:
             raise web.HTTPError(403, f"{CONTROL_USER!r} is reserved for the control plane.")
-        mlflow = self.service.mlflow
-
-        def create() -> None:
-            try:
-                mlflow.call(
-                    "POST",
-                    "users/create",
-                    {"username": username, "password": secrets.token_urlsafe(32)},
-                )
-            except MlflowError as exc:
-                if exc.code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-
-        await asyncio.to_thread(create)
+        await asyncio.to_thread(self.service.mlflow.create_user, username)
 
     async def get(self, path: str) -> None:
         """Forward; an artifact download is streamed back, never held in memory."""

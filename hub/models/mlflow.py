@@ -94,12 +94,17 @@ OBJECT_STORE_ENVIRONMENT = (
 )
 
 
-def remote_artifact_uri(destination: str, uri: str) -> str:
-    """Where in object storage an ``mlflow-artifacts:/PATH`` URI's files are (no escape)."""
+def _store_path(uri: str) -> str:
+    """The path of an ``mlflow-artifacts:/PATH`` URI inside the artifact store."""
     parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme != "mlflow-artifacts":
         raise MlflowError(f"artifacts at {uri!r} are not in the hub's artifact store", status=400)
-    parts = [p for p in parsed.path.split("/") if p]
+    return parsed.path
+
+
+def remote_artifact_uri(destination: str, uri: str) -> str:
+    """Where in object storage an ``mlflow-artifacts:/PATH`` URI's files are (no escape)."""
+    parts = [p for p in _store_path(uri).split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise MlflowError(f"artifact URI {uri!r} leaves the artifact store", status=400)
     return destination.rstrip("/") + "/" + "/".join(parts)
@@ -146,11 +151,8 @@ def server_environment(store: Path, *, default_permission: str = "READ") -> dict
 
 def artifact_path(store: Path, uri: str) -> Path:
     """The local directory of an ``mlflow-artifacts:/...`` URI in the store (no escape)."""
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.scheme != "mlflow-artifacts":
-        raise MlflowError(f"artifacts at {uri!r} are not in the hub's artifact store", status=400)
     base = (store / "artifacts").resolve()
-    path = (base / parsed.path.lstrip("/")).resolve()
+    path = (base / _store_path(uri).lstrip("/")).resolve()
     if path != base and base not in path.parents:
         raise MlflowError(f"artifact URI {uri!r} leaves the artifact store", status=400)
     return path

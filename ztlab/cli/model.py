@@ -21,6 +21,21 @@ from ztlab.common.errors import UsageError
 DIR_ARGUMENT = click.argument(
     "directory", type=click.Path(exists=True, file_okay=False, path_type=Path)
 )
+#: Sigstore keyless (sign --sigstore, verify --sigstore-identity): which instance
+STAGING_OPTION = click.option(
+    "--sigstore-staging",
+    "staging",
+    is_flag=True,
+    help="Keyless: Sigstore's staging instance instead of the public one.",
+)
+TRUST_CONFIG_OPTION = click.option(
+    "--trust-config",
+    "trust_config",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keyless: a Sigstore client trust configuration (JSON) to use instead of the "
+    "public instance's.",
+)
 
 
 @click.group("model", short_help="Sign and verify model directories (model-signing format).")
@@ -87,17 +102,8 @@ def _private_key(path: Path) -> Any:
 @click.option(
     "--ambient", is_flag=True, help="With --sigstore: take the identity from the environment."
 )
-@click.option(
-    "--sigstore-staging", "staging", is_flag=True, help="Use Sigstore's staging instance."
-)
-@click.option(
-    "--trust-config",
-    "trust_config",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="With --sigstore: a Sigstore client trust configuration (JSON) to use instead of "
-    "the public instance's.",
-)
+@STAGING_OPTION
+@TRUST_CONFIG_OPTION
 @handle_errors
 def sign_command(
     directory: Path,
@@ -146,8 +152,7 @@ def sign_command(
         certificates=certificates,
     )
     out.write_text(json.dumps(bundle, indent=2) + "\n", encoding="utf-8")
-    files = len(json.loads(bundle_payload(bundle))["predicate"]["resources"])
-    click.echo(f"wrote {out}: {files} files signed ({algorithm})")
+    _wrote(out, bundle, algorithm)
 
 
 def _sign_keyless(
@@ -178,8 +183,12 @@ def _sign_keyless(
         trust_config=trust_config,
         algorithm=algorithm,
     )
+    _wrote(out, bundle, f"{algorithm}, Sigstore keyless")
+
+
+def _wrote(out: Path, bundle: dict[str, Any], how: str) -> None:
     files = len(json.loads(bundle_payload(bundle))["predicate"]["resources"])
-    click.echo(f"wrote {out}: {files} files signed ({algorithm}, Sigstore keyless)")
+    click.echo(f"wrote {out}: {files} files signed ({how})")
 
 
 def _certificates(path: Path, key: object = None) -> list[bytes]:
@@ -249,22 +258,14 @@ def bundle_payload(bundle: dict[str, object]) -> bytes:
     default=None,
     help="With --sigstore-identity: the OIDC issuer that vouched for it (URL).",
 )
-@click.option(
-    "--sigstore-staging", "staging", is_flag=True, help="Trust Sigstore's staging instance."
-)
+@STAGING_OPTION
 @click.option(
     "--online",
     is_flag=True,
     help="Refresh Sigstore's trust root over the network first (default: the copy shipped "
     "with sigstore-python).",
 )
-@click.option(
-    "--trust-config",
-    "trust_config",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A Sigstore client trust configuration (JSON) to trust instead.",
-)
+@TRUST_CONFIG_OPTION
 @handle_errors
 def verify_command(
     directory: Path,
