@@ -21,7 +21,7 @@ DEBIAN_PACKAGES := python3 python3-venv python3-dev bubblewrap nftables util-lin
 # ...and those only the tests and benchmarks need.
 DEBIAN_TEST_PACKAGES := b3sum chromium
 
-.PHONY: help up down test lint docs bench gpu-check gpu-check-bundle system-deps system-test-deps venv venv-dev npm clean
+.PHONY: help up down test lint docs bench gpu-check gpu-check-bundle system-deps system-test-deps venv venv-dev npm clean typecheck-tree
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -46,36 +46,70 @@ $(BIN)/python:
 	$(PIP) install -q -U pip setuptools wheel
 	chmod -R go+rX $(PREFIX)
 
-# The stamps are rebuilt when pyproject.toml changes, or when the checkout moves (an editable
-# install points at one checkout; CI clones into a new folder).
-$(VENV)/.ztlab-installed: pyproject.toml $(BIN)/python
-	$(PIP) install -q -e .
-	echo "$(CURDIR)" > $@
+# ztlab is installed into the venv as a copy (never an editable install): per-user servers
+# run from the venv, and a checkout under /root (mode 0700) is out of their reach. The
+# dependencies are installed when pyproject.toml changes; the code is copied again when any
+# file of the package changes, or when the venv was last filled from another checkout.
+PACKAGE_DIRS := src cli common hub extensions kernels dev deploy
+SOURCES      := $(shell find $(PACKAGE_DIRS) -type f -not -path '*/__pycache__/*' -not -name '*.py[co]' 2>/dev/null)
+DEPS_STAMP   := $(VENV)/.ztlab-deps
+DEV_STAMP    := $(VENV)/.ztlab-dev-deps
+CODE_STAMP   := $(VENV)/.ztlab-code
+NPM_DIR      := $(VENV)/share/ztlab/npm
 
-$(VENV)/.ztlab-dev-installed: pyproject.toml $(BIN)/python
-	$(PIP) install -q -e '.[dev]'
-	echo "$(CURDIR)" > $@
-
-venv: system-deps $(VENV)/.ztlab-installed ## create the venv and install ztlab
-	@grep -qx "$(CURDIR)" $(VENV)/.ztlab-installed || { $(PIP) install -q -e . && echo "$(CURDIR)" > $(VENV)/.ztlab-installed; }
-
-venv-dev: system-test-deps $(VENV)/.ztlab-dev-installed ## create the venv and install ztlab[dev]
-	@grep -qx "$(CURDIR)" $(VENV)/.ztlab-dev-installed || { $(PIP) install -q -e '.[dev]' && echo "$(CURDIR)" > $(VENV)/.ztlab-dev-installed; }
-
-# The npm parts: configurable-http-proxy (the hub's proxy) and oidc-provider (the
-# development identity provider), pinned in package-lock.json.
-node_modules/.package-lock.json: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+$(DEPS_STAMP): pyproject.toml setup.py | $(BIN)/python
+	rm -rf build/lib build/bdist.*
+	$(PIP) install -q .
 	touch $@
 
-npm: node_modules/.package-lock.json ## install the npm parts (proxy, development IdP)
+$(DEV_STAMP): pyproject.toml setup.py | $(BIN)/python
+	rm -rf build/lib build/bdist.*
+	$(PIP) install -q '.[dev]'
+	touch $(DEPS_STAMP) $@
 
-lint: venv-dev ## ruff, mypy --strict and the trust-boundary import contracts
+$(CODE_STAMP): $(SOURCES) pyproject.toml setup.py | $(BIN)/python
+	rm -rf build/lib build/bdist.*
+	$(PIP) install -q --no-deps --no-build-isolation .
+	echo "$(CURDIR)" > $@
+
+.PHONY: code
+code: # copy this checkout's code into the venv if it changed (or came from elsewhere)
+	@grep -qsx "$(CURDIR)" $(CODE_STAMP) || rm -f $(CODE_STAMP)
+	@$(MAKE) --no-print-directory $(CODE_STAMP)
+
+venv: system-deps $(DEPS_STAMP) code ## create the venv and install ztlab (a copy, not a link)
+
+venv-dev: system-test-deps $(DEV_STAMP) code ## create the venv and install ztlab[dev]
+
+# The npm parts: configurable-http-proxy (the hub's proxy) and oidc-provider (the
+# development identity provider), pinned in package-lock.json, installed inside the venv.
+$(NPM_DIR)/node_modules/.package-lock.json: package.json package-lock.json | $(BIN)/python
+	mkdir -p $(NPM_DIR)
+	cp package.json package-lock.json $(NPM_DIR)/
+	cd $(NPM_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	chmod -R go+rX $(NPM_DIR)
+	touch $@
+
+npm: $(NPM_DIR)/node_modules/.package-lock.json ## install the npm parts (proxy, development IdP)
+
+# mypy and import-linter read the package as it is imported: a tree of hard links under
+# build/typecheck assembles ztlab/ from the top-level folders (as setup.py maps them), and
+# mypy's paths are written back as checkout paths.
+TYPECHECK := build/typecheck
+
+typecheck-tree:
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)
+	cp -al src/ztlab $(TYPECHECK)/ztlab
+	for d in $(filter-out src,$(PACKAGE_DIRS)); do cp -al $$d $(TYPECHECK)/ztlab/$$d; done
+
+lint: venv-dev typecheck-tree ## ruff, mypy --strict and the trust-boundary import contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy -p ztlab
-	$(BIN)/mypy bench
-	$(BIN)/lint-imports
+	cd $(TYPECHECK) && $(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
+	  --cache-dir $(CURDIR)/.mypy_cache -p ztlab 2>&1 \
+	  | sed -E 's#^ztlab/(cli|common|hub|extensions|kernels|dev|deploy)/#\1/#; s#^ztlab/#src/ztlab/#'
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy bench
+	PYTHONPATH=$(TYPECHECK) $(BIN)/lint-imports
 
 docs: venv-dev ## build the docs with warnings as errors
 	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
@@ -96,12 +130,13 @@ down: ## stop what `make up` started
 gpu-check: venv-dev ## the GPU checks (lease, device fence, NVML) on a machine with a GPU
 	$(BIN)/python -m pytest -q -s -rs -m gpu tests/gpu
 
-gpu-check-bundle: ## wheels and .deb for tests/gpu/run-on-device.sh on an offline GPU machine
+gpu-check-bundle: code ## wheels (ztlab's own among them) and .deb for tests/gpu/run-on-device.sh on an offline GPU machine
 	rm -rf .whl .deb && mkdir -p .whl .deb
 	for p in pydantic pydantic-core annotated-types typing-inspection cedarpy cryptography cffi pycparser; do \
 	  $(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	    -d .whl "$$p==$$($(PIP) show $$p | awk '/^Version/{print $$2}')"; done
+	$(PIP) wheel -q --no-deps --no-build-isolation -w .whl .
 	cd .deb && apt-get download bubblewrap
 
 clean: ## remove build outputs (not the venv, not the state)

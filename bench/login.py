@@ -24,9 +24,9 @@ import pyotp
 import requests
 
 from bench._table import Row, percentile
-from ztlab.hub.devidp.flow import idp_login
-from ztlab.hub.devidp.launcher import DevIdP
-from ztlab.hub.hubconfig import node_modules
+from ztlab.common.installed import npm_command
+from ztlab.dev.idp.flow import idp_login
+from ztlab.dev.idp.launcher import DevIdP
 
 SECRET = "bench-client-secret-0123456789abcdef"
 
@@ -127,7 +127,7 @@ def _plain_hub(root: Path, hub: str, idp: DevIdP, *, extra: str = "") -> subproc
     ``extra`` adds configuration lines (e.g. a spawner)."""
     root.mkdir(mode=0o700)
     config = root / "jupyterhub_config.py"
-    chp = node_modules() / ".bin" / "configurable-http-proxy"
+    chp = npm_command("configurable-http-proxy", "configurable-http-proxy")
     config.write_text(
         textwrap.dedent(f"""
         c.JupyterHub.bind_url = "{hub}"

@@ -43,8 +43,8 @@ from bench._table import Row, percentile
 from bench.login import _plain_hub as login_plain_hub
 from bench.login import _port, _stop
 from bench.login import _ztlab_hub as login_ztlab_hub
-from ztlab.hub.devidp.flow import idp_login
-from ztlab.hub.devidp.launcher import DevIdP
+from ztlab.dev.idp.flow import idp_login
+from ztlab.dev.idp.launcher import DevIdP
 
 SECRET = "bench-client-secret-0123456789abcdef"
 POOL = "10.215.0.0/16"  # not the tests' pools (10.213/16 default, 10.214/16 end to end)

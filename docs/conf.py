@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
-ROOT = DOCS.parent
-# The local extension, and the checkout itself so the generated references (configuration
-# model, CLI) document this tree even where ztlab is not installed.
-sys.path[:0] = [str(DOCS / "_ext"), str(ROOT)]
+# The local extension; ztlab itself is imported as installed (`make docs` installs this
+# checkout's code into the venv first), so the generated references document this tree.
+sys.path[:0] = [str(DOCS / "_ext")]
 
 from ztlab import __version__  # noqa: E402 -- needs the path set above
 

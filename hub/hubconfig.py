@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ConfigError
+from ztlab.common.installed import npm_command
 from ztlab.hub.api import DATA_SCOPE
 from ztlab.hub.login.authenticator import MFAOAuthenticator, rbac_roles
 from ztlab.hub.private import private_directory
@@ -41,22 +42,6 @@ def private_file(path: Path, *, content: bytes | None = None) -> Path:
     return _private_file(path, what="state file", error=ConfigError, content=content, tighten=True)
 
 
-def node_modules() -> Path:
-    """The npm parts (configurable-http-proxy, oidc-provider) installed by ``make``."""
-    candidates = [Path(__file__).resolve().parents[1] / "node_modules"]
-    if os.environ.get("ZTLAB_NODE_MODULES"):
-        candidates.insert(0, Path(os.environ["ZTLAB_NODE_MODULES"]))
-    for candidate in candidates:
-        if (candidate / ".bin" / "configurable-http-proxy").exists():
-            return candidate
-    raise ConfigError(
-        "configurable-http-proxy is not installed (looked in "
-        + ", ".join(str(c) for c in candidates)
-        + ")",
-        hint="run `make up` (or `npm ci` in the repository) to install the npm parts",
-    )
-
-
 def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -> None:
     """Fill a traitlets config ``c`` for JupyterHub from a validated ztlab configuration."""
     state = private_dir(hub_dir(config))
@@ -67,7 +52,9 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     c.JupyterHub.hub_bind_url = config.hub.api_url
     # internal TLS: the proxy's REST API speaks https to the hub's client certificate
     c.ConfigurableHTTPProxy.api_url = config.hub.proxy_api_url.replace("http://", "https://", 1)
-    c.ConfigurableHTTPProxy.command = [str(node_modules() / ".bin" / "configurable-http-proxy")]
+    c.ConfigurableHTTPProxy.command = [
+        str(npm_command("configurable-http-proxy", "configurable-http-proxy"))
+    ]
     c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
     database = private_file(state / "jupyterhub.sqlite")
     c.JupyterHub.db_url = f"sqlite:///{database}"
@@ -82,7 +69,10 @@ def configure(c: Any, config: ZtlabConfig, *, config_path: Path | None = None) -
     # certificate authority and keys live under state_dir/hub/internal-ssl (0700)
     c.JupyterHub.internal_ssl = True
     c.JupyterHub.internal_certs_location = str(private_dir(state / "internal-ssl"))
-    c.JupyterHub.template_paths = [str(Path(__file__).parent / "login" / "templates")]
+    c.JupyterHub.template_paths = [
+        str(Path(__file__).parent / "login" / "templates"),
+        str(Path(__file__).parent / "pages" / "templates"),
+    ]
 
     # -- short, re-checked sessions and expiring tokens ---------------------------------------
     c.JupyterHub.cookie_max_age_days = login.session_max_age_seconds / 86400

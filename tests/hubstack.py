@@ -26,8 +26,8 @@ import requests
 
 from tests.hub.login.tampering_proxy import TamperingProxy
 from ztlab.common.auditlog.record import parse_record
-from ztlab.hub.devidp.flow import idp_login
-from ztlab.hub.devidp.launcher import DevIdP, demo_users, generate_signing_jwk
+from ztlab.dev.idp.flow import idp_login
+from ztlab.dev.idp.launcher import DevIdP, demo_users, generate_signing_jwk
 
 CLIENT_SECRET = "e2e-client-secret-0123456789abcdef"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ztlab.hub.api.datasets import DATA_SCOPE, dataset_handlers
 from ztlab.hub.api.models import model_handlers
-from ztlab.hub.api.pages import page_handlers
+from ztlab.hub.pages.approvals import page_handlers
 
 
 def api_handlers() -> list[tuple[str, Any]]:

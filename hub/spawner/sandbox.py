@@ -412,17 +412,8 @@ def _cuda_ids(plane: _ControlPlane, lease: Any) -> list[str]:
 
 
 def _readonly_paths(system: tuple[Path, ...]) -> tuple[Path, ...]:
-    """The system, plus this venv and the ztlab code where they live outside it."""
-    extra = [Path(sys.prefix).resolve(), _code_root()]
-    paths = list(system)
-    for path in extra:
-        if not any(path == p or path.is_relative_to(p) for p in paths):
-            paths.append(path)
-    return tuple(paths)
-
-
-def _code_root() -> Path:
-    """Where the ztlab code lives (a checkout for an editable install), read-only inside."""
-    import ztlab
-
-    return Path(ztlab.__file__).resolve().parents[1]
+    """The system, plus the venv (which holds ztlab itself) where it lives outside it."""
+    venv = Path(sys.prefix).resolve()
+    if any(venv == p or venv.is_relative_to(p) for p in system):
+        return system
+    return (*system, venv)

@@ -15,7 +15,7 @@ from tests.auditlog_helpers import verify
 from tests.hubstack import free_port
 from ztlab.cli.main import cli
 from ztlab.common.auditlog.record import parse_record
-from ztlab.hub.devidp.flow import idp_login
+from ztlab.dev.idp.flow import idp_login
 
 
 def _config(tmp_path: Path, extra: str = "") -> tuple[Path, str]:

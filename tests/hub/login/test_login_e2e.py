@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.hubstack import LoginStack
-from ztlab.hub.devidp.flow import LoginRejectedError, idp_login
+from ztlab.dev.idp.flow import LoginRejectedError, idp_login
 
 pytestmark = pytest.mark.e2e
 

@@ -25,7 +25,7 @@ import jwt
 import pytest
 import requests
 
-from ztlab.hub.devidp import (
+from ztlab.dev.idp import (
     DevIdP,
     DevIdPNotInstalledError,
     LoginFlowError,
@@ -35,7 +35,7 @@ from ztlab.hub.devidp import (
     generate_signing_jwk,
     idp_login,
 )
-from ztlab.hub.devidp import launcher as launcher_module
+from ztlab.dev.idp import launcher as launcher_module
 
 SCOPE = "openid profile email groups offline_access"
 CLIENT_ID = "standin-rp"
@@ -466,7 +466,7 @@ def test_missing_node_or_package_is_a_clear_error(
     assert "npm ci --no-audit --no-fund" in (info.value.hint or "")
 
     monkeypatch.setattr(launcher_module, "_find_node_modules", lambda start: None)
-    monkeypatch.delenv("ZTLAB_NODE_MODULES", raising=False)
+    monkeypatch.setattr("ztlab.common.installed.node_modules_candidates", lambda: [])
     idp = DevIdP(users={}, clients=[client], state_dir=tmp_path / "s", node=shutil.which("sh"))
     with pytest.raises(DevIdPNotInstalledError) as info:
         idp.start()

@@ -1,6 +1,6 @@
-"""``python -m ztlab.hub.devidp``: run the development IdP in the foreground.
+"""``python -m ztlab.dev.idp``: run the development IdP in the foreground.
 
-    python -m ztlab.hub.devidp --state-dir /tmp/devidp --port 8009 \\
+    python -m ztlab.dev.idp --state-dir /tmp/devidp --port 8009 \\
         --client-id hub --client-secret s3cret \\
         --redirect-uri http://127.0.0.1:8000/hub/oauth_callback
 
@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 from ztlab.common.errors import ZtlabError
-from ztlab.hub.devidp.launcher import DevIdP, DevIdPError, demo_users, run_forever
+from ztlab.dev.idp.launcher import DevIdP, DevIdPError, demo_users, run_forever
 
 
 def _build(argv: list[str] | None) -> DevIdP:
-    parser = argparse.ArgumentParser(prog="python -m ztlab.hub.devidp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ztlab.dev.idp", description=__doc__)
     parser.add_argument("--config", type=Path, help="a JSON file with the settings below")
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--port", type=int)

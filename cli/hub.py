@@ -26,7 +26,8 @@ CONFIG_OPTION = click.option(
 
 def hub_command_line(config_path: Path) -> tuple[list[str], dict[str, str], Path]:
     """The JupyterHub command, its environment and working directory for a config file."""
-    from ztlab.hub.hubconfig import hub_dir, node_modules, private_dir
+    from ztlab.common.installed import npm_command
+    from ztlab.hub.hubconfig import hub_dir, private_dir
 
     config = load_config(config_path)
     jupyterhub = Path(sys.executable).with_name("jupyterhub")
@@ -35,10 +36,12 @@ def hub_command_line(config_path: Path) -> tuple[list[str], dict[str, str], Path
         if found is None:
             raise UsageError("jupyterhub is not installed in this environment")
         jupyterhub = Path(found)
-    node_modules()  # fail early, with the fix, if the npm parts are missing
+    npm_command("configurable-http-proxy", "configurable-http-proxy")  # fail early, with the fix
     if config.models.enabled:
         _check_port_free(config.models.mlflow_port, "models.mlflow_port", config_path)
-    hub_config = Path(__file__).resolve().parents[1] / "hub" / "jupyterhub_config.py"
+    import ztlab.hub
+
+    hub_config = Path(ztlab.hub.__file__).parent / "jupyterhub_config.py"
     env = dict(os.environ, ZTLAB_CONFIG=str(config_path.resolve()))
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
     workdir = private_dir(hub_dir(config))

@@ -100,7 +100,7 @@ def render(
     """
     path = config_path(config)
     loaded = load_config(path)
-    from ztlab.hub.k8s import K8sOptions, parse_egress_rule, parse_peer, write_files
+    from ztlab.deploy.k8s import K8sOptions, parse_egress_rule, parse_peer, write_files
 
     options = K8sOptions(
         namespace=namespace,

@@ -24,7 +24,7 @@ from ztlab.cli._errors import handle_errors
 from ztlab.cli.hub import CONFIG_OPTION, hub_command_line
 from ztlab.common.config import ZtlabConfig, load_config
 from ztlab.common.errors import ConfigError
-from ztlab.hub.processes import ManagedProcess, ProcessError
+from ztlab.dev.processes import ManagedProcess, ProcessError
 
 
 def _prepare_state(config: ZtlabConfig, config_path: Path) -> None:
@@ -100,7 +100,7 @@ def _start_dev_provider(config: ZtlabConfig) -> None:
     with os.fdopen(fd, "w") as handle:
         json.dump(settings, handle)
     process = ManagedProcess("devidp", config.state_dir)
-    process.start([sys.executable, "-m", "ztlab.hub.devidp", "--config", str(launch)])
+    process.start([sys.executable, "-m", "ztlab.dev.idp", "--config", str(launch)])
     _wait_for(f"{issuer}/.well-known/openid-configuration", process, "the development IdP")
 
 
@@ -152,7 +152,7 @@ def up_command(config_path: Path) -> None:
     click.echo(f"  identity provider {config.login.issuer}")
     click.echo(f"  logs              {config.state_dir / 'logs'}")
     if config.login.development_provider:
-        from ztlab.hub.devidp import demo_users
+        from ztlab.dev.idp import demo_users
 
         click.echo("  demo users (password: NAME-password):")
         for name, user in demo_users().items():

@@ -6,8 +6,8 @@ state and starts it; :func:`idp_login` logs in through it without a browser. For
 development and tests only: passwords are kept in a plain JSON file.
 """
 
-from ztlab.hub.devidp.flow import LoginFlowError, LoginRejectedError, idp_login
-from ztlab.hub.devidp.launcher import (
+from ztlab.dev.idp.flow import LoginFlowError, LoginRejectedError, idp_login
+from ztlab.dev.idp.launcher import (
     NPM_INSTALL_COMMAND,
     DevIdP,
     DevIdPError,

@@ -4,10 +4,10 @@
 filter that offers each user only their roles' profiles, non-root and capability-free
 servers); :func:`render_network_policies` the NetworkPolicies that fence user servers
 in; :func:`write_files` writes both, as ``ztlab k8s render`` does. See
-:mod:`ztlab.hub.k8s.render` for what is rendered and what the cluster must provide.
+:mod:`ztlab.deploy.k8s.render` for what is rendered and what the cluster must provide.
 """
 
-from ztlab.hub.k8s.render import (
+from ztlab.deploy.k8s.render import (
     EXTRA_CONFIG_KEY,
     NETWORK_POLICIES_FILE,
     VALUES_FILE,

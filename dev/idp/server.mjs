@@ -1,7 +1,7 @@
 // ztlab-devidp: a development OpenID provider on 127.0.0.1, built on `oidc-provider`.
 //
 // Configured from one JSON file whose path is in $ZTLAB_DEVIDP_CONFIG (see configSchema
-// below; hub/devidp/launcher.py writes it). What it does:
+// below; dev/idp/launcher.py writes it). What it does:
 //
 // - authorization code flow only, PKCE (S256) required for every client, `nonce` passed into
 //   the ID token; scopes `openid profile email groups offline_access`;

@@ -1,4 +1,4 @@
-"""Tests for ``ztlab.hub.k8s`` and ``ztlab k8s render``.
+"""Tests for ``ztlab.deploy.k8s`` and ``ztlab k8s render``.
 
 The rendered values are checked the way a cluster would use them: a traitlets ``Config``
 is built from them as z2jh's ``jupyterhub_config.py`` does (``singleuser.*``,
@@ -28,7 +28,7 @@ from traitlets.config import Config
 from ztlab.cli.k8s import k8s_group
 from ztlab.common.config import ZtlabConfig, load_config, parse_config
 from ztlab.common.errors import ConfigError, UsageError
-from ztlab.hub.k8s import (
+from ztlab.deploy.k8s import (
     EXTRA_CONFIG_KEY,
     EgressRule,
     K8sOptions,

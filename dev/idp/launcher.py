@@ -62,7 +62,7 @@ __all__ = [
     "run_forever",
 ]
 
-log = logging.getLogger("ztlab.hub.devidp")
+log = logging.getLogger("ztlab.dev.idp")
 
 #: what installs the Node packages (``oidc-provider``, ``configurable-http-proxy``)
 NPM_INSTALL_COMMAND = "npm ci --no-audit --no-fund"
@@ -547,11 +547,9 @@ class DevIdP:
             )
         if not script.is_file():
             raise DevIdPNotInstalledError(f"the development IdP's script is missing: {script}")
-        env_modules = os.environ.get("ZTLAB_NODE_MODULES")
-        candidates = [
-            self._node_modules,
-            Path(env_modules) if env_modules else None,
-        ]
+        from ztlab.common.installed import node_modules_candidates
+
+        candidates = [self._node_modules, *node_modules_candidates()]
         node_modules = next(
             (
                 c

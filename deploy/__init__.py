@@ -1,0 +1,2 @@
+"""Deployment past one machine: the same roles, quotas and pools rendered for existing
+engines (Zero to JupyterHub / KubeSpawner on Kubernetes)."""

@@ -1,0 +1,1 @@
+"""The hub's own pages (cookie-authenticated HTML), next to JupyterHub's."""
