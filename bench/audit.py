@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from bench._table import Row
-from ztlab.common.auditlog.keys import load_public_key
 from ztlab.common.auditlog.paths import public_key_path
 from ztlab.common.auditlog.verify import verify_log
+from ztlab.common.keys import load_ed25519_public_key
 from ztlab.hub.audit import AuditLog
 
 DETAIL = {
@@ -95,7 +95,7 @@ def run(*, quick: bool = False) -> list[Row]:
             futures = [log.submit("alice", "policy.decision", DETAIL) for _ in range(records)]
             for future in futures:
                 future.result()
-        key = load_public_key(public_key_path(big))
+        key = load_ed25519_public_key(public_key_path(big))
         verify_log(big, public_key=key)  # warm the page cache
         start = time.perf_counter()
         report = verify_log(big, public_key=key)

@@ -155,10 +155,10 @@ def run_approval(*, quick: bool = False) -> list[Row]:
     import numpy as np
     import pandas as pd
 
-    from ztlab.common.attest.keys import key_id
-    from ztlab.hub.attest.keys import load_or_create_attestation_key
+    from ztlab.common.keys import key_id
     from ztlab.hub.audit import AuditLog
     from ztlab.hub.datasets import DatasetRegistry
+    from ztlab.hub.keys import load_or_create_attestation_key
     from ztlab.hub.models.mlflow import (
         MlflowREST,
         proxy_key,

@@ -12,7 +12,6 @@ import click
 
 from ztlab.cli._errors import handle_errors
 from ztlab.common.auditlog.checkpoint import verifier_key, verify_checkpoint_note
-from ztlab.common.auditlog.keys import load_public_key
 from ztlab.common.auditlog.paths import checkpoints_path, public_key_path
 from ztlab.common.auditlog.record import parse_record
 from ztlab.common.auditlog.verify import (
@@ -22,6 +21,7 @@ from ztlab.common.auditlog.verify import (
     verify_log,
 )
 from ztlab.common.errors import UsageError
+from ztlab.common.keys import load_ed25519_public_key
 
 LOG_OPTION = click.option(
     "--log",
@@ -194,7 +194,7 @@ def export_command(log_path: Path, public_key: Path | None, fmt: str, out: Path 
 def public_key_command(log_path: Path, fmt: str, origin: str | None) -> None:
     """Print the log's exported public key, to pin it elsewhere."""
     key_file = public_key_path(log_path)
-    key = load_public_key(key_file)
+    key = load_ed25519_public_key(key_file)
     if fmt == "pem":
         click.echo(key_file.read_text(), nl=False)
         return
@@ -207,7 +207,7 @@ def public_key_command(log_path: Path, fmt: str, origin: str | None) -> None:
 def _verify(
     log_path: Path, public_key: Path | None, origin: str | None, trusted: Path | None
 ) -> VerifyReport:
-    key = load_public_key(public_key or public_key_path(log_path))
+    key = load_ed25519_public_key(public_key or public_key_path(log_path))
     witness = None
     if trusted is not None:
         note = trusted.read_text()

@@ -300,9 +300,8 @@ def hub_client(hub_url: str | None, token_file: Path | None, config_path: Path) 
         )
     if not hub_url:
         from ztlab.common.config import load_config
-        from ztlab.hub.hubconfig import public_url
 
-        hub_url = public_url(load_config(config_path), "/hub/api")
+        hub_url = load_config(config_path).public_url("/hub/api")
     return HubRegistry(hub_url, token)
 
 
@@ -420,11 +419,12 @@ def sign_command(
     For offline and demonstration use (a local registry); in a deployment the control
     plane fingerprints and signs at registration.
     """
-    from ztlab.cli._keys import load_signing_key
     from ztlab.common.attest import sign_manifest
+    from ztlab.common.errors import UsageError
+    from ztlab.hub.keys import load_private_key
 
     manifest = load_manifest(manifest_path)
-    key = load_signing_key(key_path, ed25519=True)
+    key = load_private_key(key_path, accept=("p256", "p384", "ed25519"), error=UsageError)
     envelope = sign_manifest(
         manifest,
         ref,

@@ -44,9 +44,11 @@ def model_group() -> None:
 
 
 def _private_key(path: Path) -> Any:
-    from ztlab.cli._keys import load_signing_key
+    from ztlab.common.errors import UsageError
+    from ztlab.hub.keys import load_private_key
 
-    return load_signing_key(path, ed25519=False)  # model-signing accepts EC keys only
+    # model-signing accepts EC keys only
+    return load_private_key(path, accept=("p256", "p384"), error=UsageError)
 
 
 @model_group.command("sign", short_help="Sign every file of a model directory.")

@@ -14,7 +14,7 @@ import os
 import stat
 from pathlib import Path
 
-from ztlab.common.errors import KeyFileError, ZtlabError
+from ztlab.common.errors import ConfigError, KeyFileError, ZtlabError
 
 
 def _check(
@@ -127,3 +127,15 @@ def read_private_file(path: Path, *, what: str, error: type[ZtlabError] = KeyFil
         raise error(f"{path}: cannot read the {what}: {exc.strerror}") from exc
     check_private_file(path, info, what=what, error=error)
     return data
+
+
+def state_directory(path: Path) -> Path:
+    """A directory of the control plane's state: created 0700, or tightened to 0700 if the
+    control plane owns it; :class:`~ztlab.common.errors.ConfigError` otherwise."""
+    return private_directory(path, what="state directory", error=ConfigError, tighten=True)
+
+
+def state_file(path: Path, *, content: bytes | None = None) -> Path:
+    """A file of the control plane's state: created 0600 (with ``content``), or tightened to
+    0600 if the control plane owns it; :class:`~ztlab.common.errors.ConfigError` otherwise."""
+    return private_file(path, what="state file", error=ConfigError, content=content, tighten=True)

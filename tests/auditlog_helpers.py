@@ -6,9 +6,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ztlab.common.auditlog.keys import load_public_key
 from ztlab.common.auditlog.paths import public_key_path
 from ztlab.common.auditlog.verify import VerifyReport, verify_log
+from ztlab.common.keys import load_ed25519_public_key
 from ztlab.hub.audit import AuditLog
 
 
@@ -24,7 +24,7 @@ def write_log(
 
 def verify(path: Path) -> VerifyReport:
     """Verify ``path`` against its exported public key."""
-    return verify_log(path, public_key=load_public_key(public_key_path(path)))
+    return verify_log(path, public_key=load_ed25519_public_key(public_key_path(path)))
 
 
 def record_lines(path: Path) -> list[bytes]:

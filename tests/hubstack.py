@@ -48,6 +48,7 @@ class LoginStack:
     audit_log: Path
     state_dir: Path
     hub_log: Path
+    hub: HubProcess
 
     def session(self, user_agent: str = "ztlab-e2e/1.0") -> requests.Session:
         session = requests.Session()
@@ -99,6 +100,52 @@ class LoginStack:
         return response.status_code == 200
 
 
+class HubProcess:
+    """``ztlab hub`` as a process of its own, to start, kill (any signal) and start again.
+
+    Every process group it ever started is ended at :meth:`stop`, so what a hub killed with
+    ``SIGKILL`` left behind (its proxy, its services) does not outlive the test.
+    """
+
+    def __init__(self, *, config: Path, log: Path, health: str) -> None:
+        self.config = config
+        self.log = log
+        self.health = health
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._groups: list[int] = []
+
+    def start(self, timeout: float = 60) -> None:
+        """Start the hub and wait until it answers its health check."""
+        ztlab = Path(sys.executable).with_name("ztlab")
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(ztlab), "hub", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._groups.append(self.proc.pid)
+        _wait_http(self.health, self.proc, self.log, timeout=timeout)
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL, timeout: float = 30) -> int:
+        """Send ``sig`` to the hub process alone (not its children); its exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop the hub (SIGTERM, then SIGKILL) and whatever its earlier runs left."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        for group in self._groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+
+
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -126,8 +173,14 @@ def write_config(
     models: bool = False,
     models_extra: str = "",
     session_max_age: int = 8,
+    extra_groups: dict[str, list[str]] | None = None,
 ) -> None:
-    """A ztlab.toml for a test stack; ``extra`` is appended (whole TOML tables)."""
+    """A ztlab.toml for a test stack; ``extra`` is appended (whole TOML tables) and
+    ``extra_groups`` maps more provider groups to roles."""
+    groups = "".join(
+        f"{group} = [{', '.join(repr(role) for role in roles)}]\n".replace("'", '"')
+        for group, roles in (extra_groups or {}).items()
+    )
     path.write_text(
         f"""
 state_dir = "{state}"
@@ -154,7 +207,7 @@ model-approvers = ["approver"]
 data-stewards = ["data-steward"]
 viewers = ["viewer"]
 ztlab-admins = ["admin"]
-
+{groups}
 [secrets]
 oidc_client_secret = {{ file = "{secret_file}" }}
 
@@ -179,6 +232,7 @@ def running_stack(
     models: bool = False,
     models_extra: str = "",
     session_max_age: int = 8,
+    extra_groups: dict[str, list[str]] | None = None,
 ) -> Iterator[LoginStack]:
     """Start provider, tampering proxy and hub under ``root``; stop them all on exit.
 
@@ -234,36 +288,128 @@ def running_stack(
         models=models,
         models_extra=models_extra,
         session_max_age=session_max_age,
+        extra_groups=extra_groups,
     )
-    hub_log = root / "hub.log"
-    ztlab = Path(sys.executable).with_name("ztlab")
-    with hub_log.open("wb") as log:
-        proc = subprocess.Popen(
-            [str(ztlab), "hub", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    hub = HubProcess(config=config, log=root / "hub.log", health=f"{hub_url}/hub/health")
     try:
-        _wait_http(f"{hub_url}/hub/health", proc, hub_log, timeout=60)
+        hub.start()
         yield LoginStack(
             hub_url=hub_url,
             idp=idp,
             proxy=proxy,
             audit_log=state / "audit" / "audit.jsonl",
             state_dir=state,
-            hub_log=hub_log,
+            hub_log=hub.log,
+            hub=hub,
         )
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        hub.stop()
         idp.stop()
         proxy.stop()
         from ztlab.hub.sandbox.netns import NetworkSegments
 
         state_file = state / "sandbox" / "netns.json"
         NetworkSegments(pool=pool, table=table, state_file=state_file).teardown()
+    assert_catalogued(state / "audit" / "audit.jsonl")
+
+
+def assert_catalogued(audit_log: Path) -> None:
+    """Every record the hub wrote is in the audit-event catalogue, with its fields."""
+    from ztlab.common.auditlog.events import check_event_type
+    from ztlab.common.errors import AuditError
+
+    problems = []
+    if audit_log.exists():
+        for line in audit_log.read_bytes().splitlines():
+            record = parse_record(line)
+            try:
+                check_event_type(record.action, record.detail)
+            except AuditError as exc:
+                problems.append(f"record {record.seq}: {exc.message}")
+    assert not problems, "records outside the audit-event catalogue:\n" + "\n".join(problems)
+
+
+def provider_user(name: str, *groups: str, provider_mfa: bool = True) -> dict[str, object]:
+    """A user of the development provider (password ``NAME-password``)."""
+    return {
+        "password": f"{name}-password",
+        "email": f"{name}@example.org",
+        "name": name,
+        "groups": list(groups),
+        "amr": ["pwd", "otp"] if provider_mfa else ["pwd"],
+        "acr": "urn:ztlab:mfa" if provider_mfa else "urn:ztlab:pwd",
+        "disabled": False,
+    }
+
+
+def hub_token(stack: LoginStack, user: str, *, note: str = "test") -> str:
+    """A hub API token of ``user``, made after a real login."""
+    session = stack.session()
+    assert stack.login(session, user).status_code == 200
+    xsrf = session.cookies.get("_xsrf") or ""
+    response = session.post(
+        f"{stack.hub_url}/hub/api/users/{user}/tokens",
+        json={"note": note, "expires_in": 3600},
+        headers={"X-XSRFToken": xsrf},
+        timeout=30,
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["token"])
+
+
+def spawn_server(
+    stack: LoginStack, user: str, token: str, options: dict[str, object]
+) -> requests.Response:
+    """Ask the hub's REST API to start ``user``'s server with ``options``."""
+    return requests.post(
+        f"{stack.hub_url}/hub/api/users/{user}/server",
+        json=options,
+        headers={"Authorization": f"token {token}"},
+        timeout=120,
+    )
+
+
+def wait_ready(stack: LoginStack, user: str, token: str, timeout: float = 120) -> None:
+    """Wait until ``user``'s server is ready; fail if it stops while starting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        model = requests.get(
+            f"{stack.hub_url}/hub/api/users/{user}",
+            headers={"Authorization": f"token {token}"},
+            timeout=30,
+        ).json()
+        server = (model.get("servers") or {}).get("")
+        if server and server.get("ready"):
+            return
+        if not model.get("pending") and not server:
+            raise AssertionError(f"{user}'s server stopped while starting: {model}")
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{user}'s server was not ready in {timeout} s:\n{stack.hub_log.read_text()[-3000:]}"
+    )
+
+
+@contextlib.contextmanager
+def nvidia_nodes(*minors: int) -> Iterator[list[Path]]:
+    """GPU device nodes (NVIDIA's major 195) on a machine without a GPU; removed after."""
+    import stat
+
+    made = []
+    try:
+        for minor in minors:
+            node = Path(f"/dev/nvidia{minor}")
+            if not node.exists():
+                os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(195, minor))
+                node.chmod(0o666)  # as the NVIDIA driver makes them: the fence is the cgroup
+                made.append(node)
+        yield [Path(f"/dev/nvidia{minor}") for minor in minors]
+    finally:
+        for node in made:
+            node.unlink(missing_ok=True)
+
+
+def remove_accounts(*users: str) -> None:
+    """Kill the processes of the users' ``ztl-NAME`` accounts and delete the accounts."""
+    for user in users:
+        subprocess.run(["pkill", "-KILL", "-u", f"ztl-{user}"], check=False)
+        subprocess.run(["userdel", "--remove", f"ztl-{user}"], check=False, capture_output=True)

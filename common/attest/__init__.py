@@ -2,7 +2,7 @@
 
 The control plane signs; anyone holding its public key verifies. This package is pure (no
 key storage, no network): :mod:`~ztlab.common.attest.dsse` is the envelope and its
-pre-authentication encoding, :mod:`~ztlab.common.attest.keys` loads and names keys,
+pre-authentication encoding, :mod:`~ztlab.common.keys` loads and names public keys,
 :mod:`~ztlab.common.attest.statement` is the in-toto statement and
 :mod:`~ztlab.common.attest.dataset` the signed dataset manifest built on both.
 """
@@ -24,7 +24,8 @@ from ztlab.common.attest.dsse import (
     sign_envelope,
     verify_envelope,
 )
-from ztlab.common.attest.keys import (
+from ztlab.common.attest.statement import STATEMENT_TYPE, Statement, Subject
+from ztlab.common.keys import (
     PrivateKey,
     PublicKey,
     key_id,
@@ -33,7 +34,6 @@ from ztlab.common.attest.keys import (
     public_key_from_pem,
     public_key_pem,
 )
-from ztlab.common.attest.statement import STATEMENT_TYPE, Statement, Subject
 
 __all__ = [
     "DATASET_PREDICATE",

@@ -32,9 +32,9 @@ from ztlab.common.attest.dsse import (
     sign_envelope,
     verify_envelope,
 )
-from ztlab.common.attest.keys import PrivateKey, PublicKey
 from ztlab.common.attest.statement import Statement, Subject
 from ztlab.common.errors import UsageError
+from ztlab.common.keys import PrivateKey, PublicKey
 from ztlab.common.manifest import Manifest, ManifestError, parse_manifest
 
 DATASET_PREDICATE = "https://zerotrust-lab.dev/attestations/dataset-manifest/v1"

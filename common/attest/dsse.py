@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ztlab.common.attest.keys import PrivateKey, PublicKey, key_id
 from ztlab.common.errors import VerificationError
+from ztlab.common.keys import PrivateKey, PublicKey, key_id
 
 IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
@@ -146,7 +146,7 @@ def verify_envelope(envelope: Envelope, trusted: dict[str, PublicKey], *, payloa
     """The key id of a trusted key whose signature on ``envelope`` verifies.
 
     :class:`SignatureError` when the payload type is not ``payload_type`` or no signature
-    verifies with a key in ``trusted`` (keyed by :func:`~ztlab.common.attest.keys.key_id`).
+    verifies with a key in ``trusted`` (keyed by :func:`~ztlab.common.keys.key_id`).
     A signature whose ``keyid`` names no trusted key is tried against every trusted key,
     so an empty or wrong hint does not matter, only the signature does.
     """

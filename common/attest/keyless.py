@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ztlab.common.attest.dsse import SignatureError
-from ztlab.common.attest.keys import PublicKey, key_id
 from ztlab.common.errors import UsageError, ZtlabError
+from ztlab.common.keys import PublicKey, key_id
 
 
 class KeylessError(ZtlabError):

@@ -40,8 +40,8 @@ from ztlab.common.attest.dsse import (
     sign_envelope,
     verify_envelope,
 )
-from ztlab.common.attest.keys import PrivateKey, PublicKey, public_key_pem
 from ztlab.common.attest.statement import Statement, Subject
+from ztlab.common.keys import PrivateKey, PublicKey, public_key_pem
 from ztlab.common.manifest.fingerprint import Refusal, UnsafeTreeError, hash_files, scan
 from ztlab.common.manifest.format import Algorithm, check_algorithm
 
@@ -205,7 +205,7 @@ def chain_signer(certificates: list[bytes], roots_pem: bytes) -> dict[str, Publi
         VerificationError,
     )
 
-    from ztlab.common.attest.keys import key_id
+    from ztlab.common.keys import key_id
 
     if not certificates:
         raise SignatureError("the bundle has no certificate chain (it was signed with a key)")

@@ -666,6 +666,26 @@ class LoginConfig(_Model):
             "Example: `totp_lockout_seconds = 3600`."
         ),
     )
+    pending_login_seconds: int = Field(
+        default=300,
+        ge=10,
+        le=3600,
+        description=(
+            "How long, in seconds, a login that passed the provider may wait on its TOTP "
+            "step-up before it must start over (an integer from 10 to 3600). Default: `300`. "
+            "Example: `pending_login_seconds = 120`. Added in 0.3."
+        ),
+    )
+    id_token_leeway_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=300,
+        description=(
+            "Clock skew tolerated when checking an ID token's `exp`, `iat` and `nbf`, in "
+            "seconds (0 to 300). Default: `30`. Example: `id_token_leeway_seconds = 10`. "
+            "Added in 0.3."
+        ),
+    )
     development_provider: bool = Field(
         default=False,
         description=(
@@ -732,6 +752,16 @@ class SandboxConfig(_Model):
                 'Default: `ztlab`. Example: `firewall_table = "ztlab_lab2"`.'
             ),
         )
+    )
+    bwrap: str = Field(
+        default="bwrap",
+        min_length=1,
+        description=(
+            "The bubblewrap program that builds each server's sandbox: a name looked up on "
+            "`PATH` or an absolute path. A missing one fails the spawn's sandbox stage with "
+            'a message. Default: `bwrap`. Example: `bwrap = "/usr/local/bin/bwrap"`. '
+            "Added in 0.3."
+        ),
     )
     pids_max: int = Field(
         default=1024,
@@ -1054,8 +1084,16 @@ class ModelsConfig(_Model):
 
 
 class GpuConfig(_Model):
-    """``[gpu]``: GPU pools."""
+    """``[gpu]``: GPU pools, and who hands out their GPUs."""
 
+    lease_backend: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")] = Field(
+        default="local",
+        description=(
+            "Which lease backend hands out GPUs: the name of a `ztlab.lease_backends` entry "
+            "point. `local` keeps the leases in SQLite under `state_dir` (one machine). "
+            'Default: `local`. Example: `lease_backend = "local"`. Added in 0.3.'
+        ),
+    )
     pools: dict[PoolName, GpuPool] = Field(
         default_factory=dict,
         description=(
@@ -1202,6 +1240,15 @@ class ZtlabConfig(_Model):
     def policy_directory(self) -> Path | None:
         """The policy directory, or ``None`` for the policies shipped with ztlab."""
         return self.policy.directory
+
+    def public_url(self, path: str) -> str:
+        """The URL users reach ``path`` at on the hub (the bind address made connectable)."""
+        parts = urlsplit(self.hub.bind_url)
+        host = parts.hostname or "127.0.0.1"
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - a bind address, not a connection target
+            host = "127.0.0.1"
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}{path}"
 
     def secret_refs(self) -> dict[str, SecretRef]:
         """Every secret reference that is set, by key path (``secrets.cookie_secret``)."""

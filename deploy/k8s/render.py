@@ -63,7 +63,7 @@ import yaml
 
 from ztlab.common.config import RoleConfig, ZtlabConfig, format_size
 from ztlab.common.errors import ConfigError, UsageError
-from ztlab.hub.login.authenticator import ROLE_GROUP_PREFIX
+from ztlab.hub.identity import ROLE_GROUP_PREFIX
 
 __all__ = [
     "EXTRA_CONFIG_KEY",

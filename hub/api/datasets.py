@@ -23,22 +23,28 @@ from typing import Any
 from jupyterhub.apihandlers.base import APIHandler
 from tornado import web
 
-from ztlab.common.attest import key_id, public_key_pem
 from ztlab.common.errors import UsageError, ZtlabError
-
-#: the JupyterHub custom scope a token needs for any of these endpoints
-DATA_SCOPE = "custom:ztlab:data"
+from ztlab.common.keys import key_id, public_key_pem
+from ztlab.hub.controlplane import ControlPlane, control_plane
+from ztlab.hub.identity import DATA_SCOPE, user_principal
 
 _REF = r"([a-z0-9][a-z0-9_.-]{0,63}@[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 
 
 class _ZtlabAPIHandler(APIHandler):  # type: ignore[misc]
-    """Token or cookie authentication, the data scope, and JSON errors."""
+    """Token or cookie authentication, the data scope, and JSON errors.
+
+    Answers wait until the request's audit records are on disk (:meth:`reply`,
+    :meth:`fail`), so a client never sees an answer whose record a crash could lose.
+    """
+
+    @property
+    def plane(self) -> ControlPlane:
+        """The hub's control plane."""
+        return control_plane(self.settings)
 
     async def principal(self) -> Any:
         """The calling user as a policy principal, or a 403."""
-        from ztlab.hub.login.authenticator import user_principal
-
         user = self.current_user
         if user is None:
             raise web.HTTPError(403, "Missing or invalid credentials.")
@@ -52,8 +58,8 @@ class _ZtlabAPIHandler(APIHandler):  # type: ignore[misc]
 
     @property
     def registry(self) -> Any:
-        """The hub's dataset registry (owned by the authenticator)."""
-        return self.authenticator.dataset_registry_store
+        """The hub's dataset registry."""
+        return self.plane.datasets
 
     def body(self) -> dict[str, Any]:
         """The request's JSON object, or a 400."""
@@ -65,16 +71,17 @@ class _ZtlabAPIHandler(APIHandler):  # type: ignore[misc]
             raise web.HTTPError(400, "The request body must be a JSON object.")
         return data
 
-    def reply(self, data: Any, status: int = 200) -> None:
-        """Finish with ``data`` as JSON."""
+    async def reply(self, data: Any, status: int = 200) -> None:
+        """Finish with ``data`` as JSON, once the request's audit records are durable."""
+        await self.plane.flush()
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(data))
 
-    def fail(self, error: ZtlabError) -> None:
-        """Finish with the error's status, message and hint."""
+    async def fail(self, error: ZtlabError) -> None:
+        """Finish with the error's status, message and hint (records durable first)."""
         status = getattr(error, "status", 400 if isinstance(error, UsageError) else 500)
-        self.reply({"status": status, "message": error.message, "hint": error.hint}, status)
+        await self.reply({"status": status, "message": error.message, "hint": error.hint}, status)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """JSON errors like ours for tornado's own (403, 404, 500)."""
@@ -91,7 +98,7 @@ class DatasetsHandler(_ZtlabAPIHandler):
         """The versions the caller may read (no envelopes)."""
         principal = await self.principal()
         rows = await asyncio.to_thread(self.registry.readable, principal)
-        self.reply({"datasets": [row.summary() for row in rows]})
+        await self.reply({"datasets": [row.summary() for row in rows]})
 
     async def post(self) -> None:
         """Register ``ref`` from ``path``; the control plane fingerprints and signs it."""
@@ -103,9 +110,9 @@ class DatasetsHandler(_ZtlabAPIHandler):
         try:
             row = await asyncio.to_thread(self.registry.register, principal, ref, path)
         except ZtlabError as error:
-            self.fail(error)
+            await self.fail(error)
             return
-        self.reply({**row.summary(), "envelope": json.loads(row.envelope)}, 201)
+        await self.reply({**row.summary(), "envelope": json.loads(row.envelope)}, 201)
 
 
 class DatasetHandler(_ZtlabAPIHandler):
@@ -117,9 +124,9 @@ class DatasetHandler(_ZtlabAPIHandler):
         try:
             row = await asyncio.to_thread(self.registry.get, principal, ref)
         except ZtlabError as error:
-            self.fail(error)
+            await self.fail(error)
             return
-        self.reply({**row.summary(), "envelope": json.loads(row.envelope)})
+        await self.reply({**row.summary(), "envelope": json.loads(row.envelope)})
 
 
 class ReportsHandler(_ZtlabAPIHandler):
@@ -132,9 +139,9 @@ class ReportsHandler(_ZtlabAPIHandler):
         try:
             self.registry.report(principal, ref, body)
         except ZtlabError as error:
-            self.fail(error)
+            await self.fail(error)
             return
-        self.reply({"recorded": True}, 202)
+        await self.reply({"recorded": True}, 202)
 
 
 class KeysHandler(_ZtlabAPIHandler):
@@ -144,7 +151,7 @@ class KeysHandler(_ZtlabAPIHandler):
         """``{"keys": [{"keyid", "pem"}]}``."""
         await self.principal()
         key = self.registry.public_key
-        self.reply({"keys": [{"keyid": key_id(key), "pem": public_key_pem(key)}]})
+        await self.reply({"keys": [{"keyid": key_id(key), "pem": public_key_pem(key)}]})
 
 
 def dataset_handlers() -> list[tuple[str, Any]]:

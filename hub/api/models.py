@@ -100,17 +100,19 @@ def canonical(path: str) -> str:
 class _ModelsHandler(_ZtlabAPIHandler):
     @property
     def service(self) -> Any:
-        """The hub's model service."""
-        return self.authenticator.model_service
+        """The hub's model service, or a 404 where the hub runs without ``[models]``."""
+        if self.plane.models is None:
+            raise web.HTTPError(404, "This hub has no model registry ([models] enabled = false).")
+        return self.plane.models
 
     async def act(self, call: Any, *args: Any, status: int = 200) -> None:
         """Run a service call in a thread; reply with its result or its error."""
         try:
             result = await asyncio.to_thread(call, *args)
         except ZtlabError as error:
-            self.fail(error)
+            await self.fail(error)
             return
-        self.reply(result if result is not None else {"ok": True}, status)
+        await self.reply(result if result is not None else {"ok": True}, status)
 
 
 class SignHandler(_ModelsHandler):
@@ -289,7 +291,7 @@ class MlflowProxyHandler(_ModelsHandler):
         service = self.service
         service.remember_roles(principal.name, principal.roles)
         self._writer = (
-            self.authenticator.policy_engine.with_audit(None)
+            self.plane.policy.with_audit(None)
             .authorize(principal, "register_model", "model:mlflow@any")
             .allowed
         )
@@ -298,7 +300,7 @@ class MlflowProxyHandler(_ModelsHandler):
         try:
             await asyncio.to_thread(service.introduce, principal.name, writer=self._writer)
         except ZtlabError as error:
-            self.fail(error)
+            await self.fail(error)
             raise web.Finish() from error
         return principal
 
@@ -315,10 +317,11 @@ class MlflowProxyHandler(_ModelsHandler):
         if path.endswith("/mlflow/registered-models/alias") and method not in ("GET", "HEAD"):
             alias = args.get("alias") or query.get("alias")
             if alias in service.protected_aliases:
-                self.authenticator.audit.record(
-                    actor=principal.name,
-                    action="model.alias.refused",
-                    detail={"model": args.get("name") or query.get("name"), "alias": alias},
+                self.plane.record(
+                    principal.name,
+                    "model.alias.refused",
+                    model=args.get("name") or query.get("name"),
+                    alias=alias,
                 )
                 raise web.HTTPError(
                     403, f"The alias {alias!r} is protected: only an approval sets or removes it."
@@ -401,8 +404,9 @@ class MlflowProxyHandler(_ModelsHandler):
                 created = answer.get("model", {}).get("info", {}).get("model_id")
             if created:
                 service.record_run(str(created), principal.name)
-            if path == _NEW_VERSION and self.authenticator.sign_on_register:
+            if path == _NEW_VERSION and self.plane.config.models.sign_on_register:
                 await self._sign_new_version(principal, answer)
+        await self.plane.flush()
         self._relay(response)
 
     async def _sign_new_version(self, principal: Any, answer: Any) -> None:

@@ -50,12 +50,9 @@ from ztlab.common.auditlog.record import (
 )
 from ztlab.common.auditlog.verify import verify_log
 from ztlab.common.errors import AuditError, AuditLockedError, VerificationError
+from ztlab.common.keys import public_key_pem
 from ztlab.common.merkle import CompactRange
-from ztlab.hub.audit.keys import (
-    load_or_create_signing_key,
-    public_key_pem,
-    write_public_file,
-)
+from ztlab.hub.keys import load_or_create_audit_key, write_public_file
 
 DEFAULT_ORIGIN = "ztlab.local/audit"
 
@@ -81,6 +78,7 @@ class RecoveryReport:
 # an encoded event body, and the future to resolve (None for fire-and-forget records)
 _Event = tuple[str, "Future[Receipt] | None"]
 _CHECKPOINT = object()
+_FLUSH = object()
 _CLOSE = object()
 
 
@@ -155,7 +153,7 @@ class AuditLog:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_fd = _acquire_lock(path)
         try:
-            key = load_or_create_signing_key(key_file)
+            key = load_or_create_audit_key(key_file)
             _export_public_key(path, key)
             quarantined = [
                 q
@@ -238,6 +236,16 @@ class AuditLog:
         """
         self._enqueue((check_event(actor, action, detail), None))
 
+    def flush(self) -> Future[None]:
+        """A future that resolves once every event queued before this call is durable.
+
+        The hub awaits it before it acknowledges anything to a client (an API answer, a
+        login, a started server), so no acknowledged record can be lost to a crash.
+        """
+        future: Future[None] = Future()
+        self._enqueue((_FLUSH, future))
+        return future
+
     def checkpoint(self) -> Future[Checkpoint | None]:
         """Ask for a signed checkpoint of everything written so far (``None`` if no change)."""
         future: Future[Checkpoint | None] = Future()
@@ -299,11 +307,14 @@ class AuditLog:
                 continue
             events: list[_Event] = []
             checkpoints: list[Future[Checkpoint | None]] = []
+            flushes: list[Future[None]] = []
             while True:
                 if item is _CLOSE:
                     closing = True
                 elif item[0] is _CHECKPOINT:
                     checkpoints.append(item[1])
+                elif item[0] is _FLUSH:
+                    flushes.append(item[1])
                 else:
                     events.append(item)
                 if len(events) >= 8192:
@@ -314,6 +325,11 @@ class AuditLog:
                     break
             if events:
                 self._write_batch(events)
+            for flushed in flushes:
+                if self._failure is not None:
+                    flushed.set_exception(self._failure)
+                else:
+                    flushed.set_result(None)
             due = time.monotonic() - self._last_checkpoint_at >= self.checkpoint_interval
             if checkpoints or closing or due:
                 result = self._signed_checkpoint()
@@ -443,7 +459,7 @@ def _acquire_lock(path: Path) -> int:
 
 def _export_public_key(path: Path, key: Ed25519PrivateKey) -> None:
     exported = public_key_path(path)
-    pem = public_key_pem(key.public_key())
+    pem = public_key_pem(key.public_key()).encode("ascii")
     if exported.exists():
         if exported.read_bytes() != pem:
             raise AuditError(

@@ -39,14 +39,25 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 from ztlab.common.auditlog.sink import AuditSink
+from ztlab.common.config import ZtlabConfig
 from ztlab.common.config.model import RoleConfig
-from ztlab.common.errors import UsageError, ZtlabError
+from ztlab.common.errors import UsageError
+from ztlab.hub.gpu.backend import (
+    Lease,
+    LeaseBackend,
+    LeaseDenied,
+    LeaseError,
+    LeaseNotFound,
+    LeaseStoreError,
+    PoolExhausted,
+    QuotaExceeded,
+)
 from ztlab.hub.gpu.inventory import Inventory, UnknownPoolError
 from ztlab.hub.policy import PolicyEngine, Principal
 from ztlab.hub.private import private_directory, private_file
@@ -75,67 +86,6 @@ AUDIT_EXPIRED: Final = "gpu.lease.expired"
 SYSTEM_ACTOR: Final = "ztlab-hub"
 
 _SCHEMA_VERSION: Final = 1
-
-
-# --------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------
-
-
-class LeaseError(ZtlabError):
-    """A lease request that cannot be granted; ``message`` is for the user."""
-
-
-class LeaseDenied(LeaseError):
-    """The policy (or the pool's roles) does not let this user lease on this pool."""
-
-
-class QuotaExceeded(LeaseError):
-    """The lease would take the user past the GPU quota of their roles."""
-
-
-class PoolExhausted(LeaseError):
-    """The pool has fewer free GPUs than asked for."""
-
-
-class LeaseNotFound(UsageError):
-    """No lease has this id."""
-
-
-class LeaseStoreError(ZtlabError):
-    """The lease database cannot be opened safely or is not a lease database."""
-
-
-# --------------------------------------------------------------------------------------
-# Leases
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Lease:
-    """GPUs of one pool held by one user's server until ``expires_at`` (POSIX seconds)."""
-
-    id: str
-    user: str
-    server: str
-    pool: str
-    #: GPU ids as configured, in the pool's order
-    gpus: tuple[str, ...]
-    #: ``N`` of ``/dev/nvidiaN`` for each GPU (a MIG device: its parent's), same order
-    minors: tuple[int, ...]
-    granted_at: float
-    expires_at: float
-    #: when it was released or expired; ``None`` while it is held
-    released_at: float | None = None
-
-    @property
-    def active(self) -> bool:
-        """Whether the lease still holds its GPUs (not yet released)."""
-        return self.released_at is None
-
-    def expired(self, now: float) -> bool:
-        """Whether ``now`` is at or past ``expires_at``."""
-        return now >= self.expires_at
 
 
 def _utc(ts: float) -> str:
@@ -353,13 +303,32 @@ class LeaseStore:
 # --------------------------------------------------------------------------------------
 
 
-class LeaseBroker:
+class LeaseBroker(LeaseBackend):
     """Grants, releases and expires GPU leases (see the module docstring for the steps).
 
-    One broker per hub process; several brokers (processes) may share one store file.
-    Thread-safe. ``roles`` are the configured roles with their quotas; roles a user
-    holds that are not configured count for nothing. ``clock`` returns POSIX seconds.
+    The ``local`` lease backend. One broker per hub process; several brokers (processes)
+    may share one store file. Thread-safe. ``roles`` are the configured roles with their
+    quotas; roles a user holds that are not configured count for nothing. ``clock`` returns
+    POSIX seconds.
     """
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        config: ZtlabConfig,
+        inventory: Inventory,
+        policy: PolicyEngine,
+        audit: AuditSink,
+    ) -> LeaseBroker:
+        """The broker of a configuration: leases in ``<state_dir>/gpu/leases.sqlite3``."""
+        return cls(
+            store_path=config.state_dir / "gpu" / "leases.sqlite3",
+            inventory=inventory,
+            roles=config.roles,
+            policy=policy,
+            audit=audit,
+        )
 
     def __init__(
         self,

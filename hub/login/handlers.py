@@ -8,8 +8,10 @@ and the step-up page sets the login cookie once the TOTP (or a recovery) code is
 
 from __future__ import annotations
 
+import functools
 import secrets
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Concatenate, Literal, Protocol, TypeVar
 
 from jupyterhub.handlers.base import BaseHandler
 from oauthenticator.oauth2 import (
@@ -20,22 +22,85 @@ from oauthenticator.oauth2 import (
 )
 from tornado import web
 
-from ztlab.hub.login.authenticator import (
-    LoginRefused,
-    MFAOAuthenticator,
-    PendingLogin,
-    expected_nonce,
-)
-from ztlab.hub.login.totp import TotpError, TotpStoreError
+from ztlab.common.config.model import LoginConfig
+from ztlab.hub.controlplane import ControlPlane, control_plane
+from ztlab.hub.login.state import LoginRefused, PendingLogin, expected_nonce
+from ztlab.hub.mfa.totp import TotpError, TotpStoreError
 
 PENDING_COOKIE = "ztlab-mfa-pending"
+
+
+class LoginSteps(Protocol):
+    """What the handlers ask of the authenticator
+    (:class:`~ztlab.hub.login.authenticator.MFAOAuthenticator`)."""
+
+    client_id: str
+    scope: list[str]
+    extra_authorize_params: dict[str, Any]
+
+    @property
+    def login_settings(self) -> LoginConfig: ...
+
+    def record(self, actor: str, action: str, **detail: Any) -> None: ...
+
+    async def provider(self) -> Any: ...
+
+    def check_network(self, client_ip: str) -> None: ...
+
+    def get_callback_url(self, handler: Any = None) -> str: ...
+
+    async def get_authenticated_user(self, handler: Any, data: Any) -> Any: ...
+
+    def mfa_requirement(
+        self,
+        auth_model: dict[str, Any],
+        *,
+        client_ip: str,
+        user_agent: str,
+        previous: Mapping[str, Any] | None,
+    ) -> tuple[Literal["satisfied", "step-up"], str]: ...
+
+    def remember_pending(self, pending: PendingLogin) -> str: ...
+
+    def pending(self, pending_id: str | None) -> PendingLogin | None: ...
+
+    def forget_pending(self, pending_id: str) -> None: ...
+
+    def stamp_session(
+        self, auth_model: dict[str, Any], *, method: str, client_ip: str, user_agent: str
+    ) -> None: ...
+
+
+_Handler = TypeVar("_Handler", bound="_Base")
+
+
+def refusals_on_disk(
+    method: Callable[Concatenate[_Handler, ...], Awaitable[None]],
+) -> Callable[Concatenate[_Handler, ...], Awaitable[None]]:
+    """A refused login is answered only once its audit record is durable."""
+
+    @functools.wraps(method)
+    async def handle(self: _Handler, *args: Any, **kwargs: Any) -> None:
+        try:
+            await method(self, *args, **kwargs)
+        except LoginRefused:
+            await self.plane.flush()
+            raise
+
+    return handle
 
 
 class _Base:
     """Helpers shared by our handlers (mixed into JupyterHub's BaseHandler)."""
 
-    authenticator: MFAOAuthenticator
+    authenticator: LoginSteps
     request: Any
+    settings: dict[str, Any]
+
+    @property
+    def plane(self) -> ControlPlane:
+        """The hub's control plane."""
+        return control_plane(self.settings)
 
     def client_context(self) -> tuple[str, str]:
         """The client's address and browser.
@@ -63,6 +128,7 @@ class _Base:
 class MFALoginHandler(_Base, OAuthLoginHandler):  # type: ignore[misc]
     """``/hub/oauth_login``: redirect to the provider with PKCE, state and a nonce."""
 
+    @refusals_on_disk
     async def get(self) -> None:
         client_ip, _ = self.client_context()
         self.authenticator.check_network(client_ip)
@@ -100,6 +166,7 @@ class MFALoginHandler(_Base, OAuthLoginHandler):  # type: ignore[misc]
 class MFACallbackHandler(_Base, OAuthCallbackHandler):  # type: ignore[misc]
     """``/hub/oauth_callback``: verify everything, then log in or ask for the step-up."""
 
+    @refusals_on_disk
     async def get(self) -> None:
         authenticator = self.authenticator
         client_ip, user_agent = self.client_context()
@@ -145,7 +212,7 @@ class MFACallbackHandler(_Base, OAuthCallbackHandler):  # type: ignore[misc]
         self.set_secure_cookie(
             PENDING_COOKIE,
             pending_id,
-            expires_days=authenticator.pending_login_seconds / 86400,
+            expires_days=authenticator.login_settings.pending_login_seconds / 86400,
             httponly=True,
             path=self.hub.base_url,
         )
@@ -178,6 +245,7 @@ async def finish_login(
         roles=auth_model["auth_state"]["ztlab"]["roles"],
         client_ip=client_ip,
     )
+    await handler.plane.flush()  # the session exists once its record is on disk
     handler.redirect(next_url)
 
 
@@ -206,15 +274,17 @@ class StepUpHandler(_Base, BaseHandler):  # type: ignore[misc]
             )
         return pending_id, pending
 
+    @refusals_on_disk
     async def get(self) -> None:
         _, pending = self._pending()
         await self._render(pending)
 
+    @refusals_on_disk
     async def post(self) -> None:
         pending_id, pending = self._pending()
         name = pending.auth_model["name"]
         code = self.get_body_argument("code", "").strip()
-        totp = self.authenticator.totp
+        totp = self.plane.totp
         try:
             if self.get_body_argument("stage", "") == "enroll":
                 totp.confirm_enrollment(name, code)
@@ -237,7 +307,7 @@ class StepUpHandler(_Base, BaseHandler):  # type: ignore[misc]
 
     async def _render(self, pending: PendingLogin, error: str | None = None) -> None:
         name = pending.auth_model["name"]
-        totp = self.authenticator.totp
+        totp = self.plane.totp
         enrollment = None
         if not totp.is_enrolled(name) and error is None:
             enrollment = totp.begin_enrollment(name)

@@ -16,20 +16,32 @@ from jupyterhub.handlers.base import BaseHandler
 from tornado import web
 
 from ztlab.common.errors import ZtlabError
+from ztlab.hub.controlplane import ControlPlane, control_plane
+from ztlab.hub.identity import user_principal
 
 
 class ModelsPage(BaseHandler):  # type: ignore[misc]
     """List signed versions; approve or reject one."""
 
-    async def _principal(self) -> Any:
-        from ztlab.hub.login.authenticator import user_principal
+    @property
+    def plane(self) -> ControlPlane:
+        """The hub's control plane."""
+        return control_plane(self.settings)
 
+    @property
+    def service(self) -> Any:
+        """The model service, or a 404 where the hub runs without ``[models]``."""
+        if self.plane.models is None:
+            raise web.HTTPError(404, "This hub has no model registry ([models] enabled = false).")
+        return self.plane.models
+
+    async def _principal(self) -> Any:
         if self.current_user is None:
             raise web.HTTPError(403)
         return await user_principal(self.current_user)
 
     async def _show(self, message: str = "", failed: bool = False) -> None:
-        service = self.authenticator.model_service
+        service = self.service
         rows = []
         for signature in await asyncio.to_thread(service.signed_versions):
             envelope = json.loads(signature.bundle)["dsseEnvelope"]
@@ -64,7 +76,7 @@ class ModelsPage(BaseHandler):  # type: ignore[misc]
         principal = await self._principal()
         action = self.get_body_argument("action", "")
         reason = self.get_body_argument("reason", "").strip()
-        service = self.authenticator.model_service
+        service = self.service
         try:
             if action == "approve":
                 alias = service.protected_aliases[0]
@@ -74,14 +86,16 @@ class ModelsPage(BaseHandler):  # type: ignore[misc]
             else:
                 raise web.HTTPError(400, "unknown action")
         except ZtlabError as error:
+            await self.plane.flush()
             self.set_status(getattr(error, "status", 400))
             await self._show(f"{name} {version}: {error.message}", failed=True)
             return
+        await self.plane.flush()
         await self._show(f"{action}d {name} version {version}")
 
 
-def page_handlers() -> list[tuple[str, Any]]:
-    """The pages, relative to the hub prefix."""
+def approval_handlers() -> list[tuple[str, Any]]:
+    """The approvals page, relative to the hub prefix."""
     return [
         (r"/ztlab/models", ModelsPage),
         (r"/ztlab/models/([A-Za-z0-9][A-Za-z0-9_.-]{0,127})/([0-9]{1,9})", ModelsPage),

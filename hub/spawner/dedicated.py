@@ -1,37 +1,51 @@
 """``DedicatedUserSpawner``: each hub user's server runs as its own unprivileged Unix account.
 
-The stages of :meth:`start` are fixed: **decide** (the policy engine must allow
-``spawn_server`` on ``server:NAME`` for the user's roles; the decision is audited),
-**account** (``ztl-NAME`` is created on first spawn: never root, no sudo, no login shell,
-a private home of mode 0700), **start** (JupyterHub's local-process start, as that account).
-Namespaces, cgroups and GPU leases are added by the sandbox spawner that builds on this one.
+Registered as the JupyterHub spawner ``ztlab-dedicated``. The stages of :meth:`start` are
+fixed: **decide** (the policy engine must allow ``spawn_server`` on ``server:NAME`` for the
+user's roles; the decision is audited), **account** (``ztl-NAME`` is created on first
+spawn: never root, no sudo, no login shell, a private home of mode 0700), **start**
+(JupyterHub's local-process start, as that account). Namespaces, cgroups and GPU leases are
+added by the sandbox spawner that builds on this one. A failing stage raises
+:class:`~ztlab.hub.spawner.failures.SpawnFailed`, which the user sees and the audit log
+records with the stage.
+
+The services come from the hub's :class:`~ztlab.hub.controlplane.ControlPlane`
+(:attr:`DedicatedUserSpawner.plane`), never from the authenticator.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import pwd
 import re
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from jupyterhub.utils import maybe_future
-from tornado import web
 from traitlets import Unicode
+
+from ztlab.common.keys import public_key_pem
+from ztlab.hub.controlplane import ControlPlane, control_plane
+from ztlab.hub.identity import granted_roles
+from ztlab.hub.policy import Principal
+from ztlab.hub.spawner.failures import SpawnFailed, SpawnRefused, Stage
 
 _UNIX_NAME = re.compile(r"[a-z_][a-z0-9_-]*\Z")
 
+#: ``useradd`` takes /etc/passwd's lock: concurrent first spawns create accounts in turn
+_ACCOUNTS = threading.Lock()
 
-class SpawnRefused(web.HTTPError):
-    """The policy engine refused the spawn; the message says why."""
+#: how long the policy decision of a spawn's first step holds for its later steps
+DECISION_HOLDS_SECONDS = 60.0
 
-    def __init__(self, message: str) -> None:
-        super().__init__(403, "spawn refused by policy")
-        self.jupyterhub_message = message
+__all__ = ["DedicatedUserSpawner", "SpawnFailed", "SpawnRefused", "mlflow_env"]
 
 
 def mlflow_env(env: dict[str, str]) -> None:
@@ -64,6 +78,11 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
     )
 
     @property
+    def plane(self) -> ControlPlane:
+        """The hub's control plane (from the hub's tornado settings)."""
+        return control_plane(self.user.settings)
+
+    @property
     def account(self) -> str:
         """The Unix account of this server's user."""
         name = f"{self.account_prefix}{self.user.name.lower()}"
@@ -71,6 +90,10 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
             digest = hashlib.sha256(self.user.name.encode()).hexdigest()[:12]
             name = f"{self.account_prefix}{digest}"
         return name
+
+    def record(self, action: str, **detail: Any) -> None:
+        """Queue an audit record about this user's server."""
+        self.plane.record(self.user.name, action, **detail)
 
     def get_env(self) -> dict[str, str]:
         """JupyterHub's environment plus the public key that signs dataset manifests.
@@ -80,88 +103,112 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
         hub API.
         """
         env: dict[str, str] = super().get_env()
-        registry = getattr(self.authenticator, "dataset_registry_store", None)
-        if registry is not None:
-            from ztlab.common.attest import public_key_pem
-
-            env["ZTLAB_TRUSTED_KEYS"] = public_key_pem(registry.public_key)
-        if getattr(self.authenticator, "mlflow_url", ""):
+        plane = self.plane
+        env["ZTLAB_TRUSTED_KEYS"] = public_key_pem(plane.datasets.public_key)
+        if plane.models is not None:
             mlflow_env(env)
         return env
 
+    # -- the stages ------------------------------------------------------------------------
+
+    async def create_certs(self) -> dict[str, str]:
+        """The policy decides before anything is made for the user (JupyterHub makes the
+        server's internal-TLS certificates before it calls :meth:`start`)."""
+        await self.decided()
+        paths: dict[str, str] = await super().create_certs()
+        return paths
+
     async def start(self) -> Any:
-        """Decide, create the account, then start the server as that account."""
-        await self.decide()
-        self.ensure_account()
-        return await maybe_future(super().start())
+        """Decide, create the account, then start the server as that account.
+
+        Do not override: override a stage.
+        """
+        await self.decided()
+        self._decided_at = None  # the next spawn asks again
+        async with self.stage("account"):
+            await self.ensure_account()
+        async with self.stage("start"):
+            return await maybe_future(super().start())
+
+    async def decided(self) -> None:
+        """The ``decide`` stage, once per spawn: a decision made for this spawn's first
+        step (certificates) holds for its last (start) for :data:`DECISION_HOLDS_SECONDS`."""
+        made = getattr(self, "_decided_at", None)
+        if made is not None and time.monotonic() - made < DECISION_HOLDS_SECONDS:
+            return
+        async with self.stage("decide"):
+            await self.decide()
+        self._decided_at = time.monotonic()
+
+    def stage(self, name: Stage) -> _StageGuard:
+        """``async with self.stage("lease"):`` -- any failure inside becomes a
+        :class:`SpawnFailed` of that stage, recorded as ``server.spawn_failed``."""
+        return _StageGuard(self, name)
+
+    async def roles(self) -> frozenset[str]:
+        """The policy roles the identity provider granted this user."""
+        return granted_roles(await self.user.get_auth_state() or {})
 
     async def decide(self) -> None:
         """Ask the policy engine; refuse with its reason when it denies."""
-        from ztlab.hub.login.authenticator import user_principal
-
-        decision = self.authenticator.policy_engine.authorize(
-            await user_principal(self.user),
-            "spawn_server",
-            f"server:{self.user.name}",
-            {},
+        principal = Principal(name=self.user.name, roles=await self.roles())
+        decision = self.plane.policy.authorize(
+            principal, "spawn_server", f"server:{self.user.name}", {}
         )
         if not decision.allowed:
-            raise SpawnRefused(f"Your server may not start: {decision.reason}")
-
-    def ensure_account(self) -> None:
-        """Create the account on first use: no root, no sudo, no shell, private home."""
-        account = self.account
-        try:
-            entry = pwd.getpwnam(account)
-        except KeyError:
-            home = str(Path(self.home_root) / account)
-            subprocess.run(
-                [
-                    "useradd",
-                    "--create-home",
-                    "--home-dir",
-                    home,
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    "--user-group",
-                    "--comment",
-                    f"zerotrust-lab user {self.user.name}",
-                    account,
-                ],
-                check=True,
-                capture_output=True,
-                timeout=30,
+            raise SpawnRefused(
+                f"Your server may not start: {decision.reason}.",
+                hint="Ask an administrator for a role that may start a notebook server.",
             )
-            entry = pwd.getpwnam(account)
-            self.authenticator.record(self.user.name, "account.created", account=account)
+
+    async def ensure_account(self) -> pwd.struct_passwd:
+        """Create the account on first use: no root, no sudo, no shell, private home."""
+        return await asyncio.to_thread(self._ensure_account)
+
+    def _ensure_account(self) -> pwd.struct_passwd:
+        account = self.account
+        with _ACCOUNTS:
+            try:
+                entry = pwd.getpwnam(account)
+            except KeyError:
+                home = str(Path(self.home_root) / account)
+                subprocess.run(
+                    [
+                        "useradd",
+                        "--create-home",
+                        "--home-dir",
+                        home,
+                        "--shell",
+                        "/usr/sbin/nologin",
+                        "--user-group",
+                        "--comment",
+                        f"zerotrust-lab user {self.user.name}",
+                        account,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
+                entry = pwd.getpwnam(account)
+                self.record("account.created", account=account)
         if entry.pw_uid == 0:
-            raise RuntimeError(f"refusing to run {self.user.name}'s server as root")
+            raise SpawnFailed(
+                "account",
+                f"Refusing to run {self.user.name}'s server as root ({account} has uid 0).",
+                hint="An administrator must give the account an unprivileged uid.",
+            )
         Path(entry.pw_dir).chmod(0o700)
+        return entry
 
     async def move_certs(self, paths: dict[str, str]) -> dict[str, str]:
         """Stage the server's internal-TLS key, certificate and CA in the account's home.
 
         (JupyterHub's own version looks up a Unix user named like the hub user.)
         """
-        self.ensure_account()  # JupyterHub moves certificates before it calls start()
-        entry = pwd.getpwnam(self.account)
-        home = Path(entry.pw_dir)
-        hub_dir = home / ".jupyterhub"
-        out_dir = hub_dir / "jupyterhub-certs"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(mode=0o700, parents=True)
-        moved = {
-            "keyfile": out_dir / Path(paths["keyfile"]).name,
-            "certfile": out_dir / Path(paths["certfile"]).name,
-            "cafile": out_dir / Path(paths["cafile"]).name,
-        }
-        shutil.move(paths["keyfile"], moved["keyfile"])
-        shutil.move(paths["certfile"], moved["certfile"])
-        shutil.copy(paths["cafile"], moved["cafile"])
-        for path in (hub_dir, out_dir, *moved.values()):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-        moved["keyfile"].chmod(0o600)
-        return {key: str(value) for key, value in moved.items()}
+        async with self.stage("account"):
+            # JupyterHub moves certificates before it calls start()
+            entry = await self.ensure_account()
+        return await asyncio.to_thread(_move_certs, paths, entry)
 
     def make_preexec_fn(self, name: str) -> Any:
         return set_user_setuid(self.account)
@@ -172,3 +219,74 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
         env["HOME"] = entry.pw_dir
         env["SHELL"] = "/bin/sh"
         return env
+
+
+class _StageGuard:
+    """Turns any failure inside a stage into a recorded :class:`SpawnFailed`."""
+
+    def __init__(self, spawner: DedicatedUserSpawner, stage: Stage) -> None:
+        self._spawner = spawner
+        self._stage = stage
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
+        if error is None or not isinstance(error, Exception):
+            return False
+        spawner = self._spawner
+        if isinstance(error, SpawnFailed):
+            failure = error
+        else:
+            said = getattr(error, "message", None) or str(error) or type(error).__name__
+            hint = getattr(error, "hint", None)
+            failure = SpawnFailed(
+                self._stage,
+                f"Your server could not start ({_STAGE_WORDS[self._stage]}): {said}.",
+                hint=f"An administrator can fix this: {hint}."
+                if hint
+                else "Try again; if it keeps failing, tell an administrator the time it "
+                "happened (the hub's log has the details).",
+            )
+        spawner.log.error(
+            "spawn of %s failed at stage %s: %s", spawner.user.name, failure.stage, error
+        )
+        spawner.record(
+            "server.spawn_failed",
+            stage=failure.stage,
+            reason=failure.jupyterhub_message,
+            server=spawner.name or "",
+        )
+        await spawner.plane.flush()
+        if failure is error:
+            return False
+        raise failure from error
+
+
+_STAGE_WORDS: dict[str, str] = {
+    "decide": "the policy decision failed",
+    "account": "its Unix account could not be prepared",
+    "lease": "its GPUs could not be leased",
+    "sandbox": "its sandbox could not be made",
+    "start": "the server process failed",
+}
+
+
+def _move_certs(paths: dict[str, str], entry: pwd.struct_passwd) -> dict[str, str]:
+    home = Path(entry.pw_dir)
+    hub_dir = home / ".jupyterhub"
+    out_dir = hub_dir / "jupyterhub-certs"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(mode=0o700, parents=True)
+    moved = {
+        "keyfile": out_dir / Path(paths["keyfile"]).name,
+        "certfile": out_dir / Path(paths["certfile"]).name,
+        "cafile": out_dir / Path(paths["cafile"]).name,
+    }
+    shutil.move(paths["keyfile"], moved["keyfile"])
+    shutil.move(paths["certfile"], moved["certfile"])
+    shutil.copy(paths["cafile"], moved["cafile"])
+    for path in (hub_dir, out_dir, *moved.values()):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    moved["keyfile"].chmod(0o600)
+    return {key: str(value) for key, value in moved.items()}

@@ -11,7 +11,14 @@
    proxy on one port, reaching only the hub API; bubblewrap namespaces with a private home
    and /tmp, the system read-only and the hub's state hidden;
 5. **start** -- the server, its environment passed by descriptor (its token never appears
-   on a command line), placed in the cgroup before it execs.
+   on a command line), placed in the cgroup before it execs; the stage ends when the server
+   listens, or says why it exited (with the last lines of its log, kept by the control
+   plane under ``<state_dir>/logs/servers``).
+
+A failure at any stage reaches the user as a
+:class:`~ztlab.hub.spawner.failures.SpawnFailed` naming the stage, and is recorded as
+``server.spawn_failed``. The blocking work of a stage (``useradd``, cgroups, ``ip`` and
+``nft``) runs in threads, so one user's spawn does not hold up another's.
 
 Stopping kills the whole cgroup and releases the lease; :meth:`poll` ends a server whose
 lease or lifetime has expired.
@@ -19,65 +26,34 @@ lease or lifetime has expired.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from traitlets import Float, Integer, Unicode, default
+from traitlets import Float, Integer, default
 
-from ztlab.common.config import ZtlabConfig, load_config
-from ztlab.common.errors import ZtlabError
-from ztlab.hub.spawner.dedicated import DedicatedUserSpawner, SpawnRefused
+from ztlab.hub.policy import Principal
+from ztlab.hub.spawner.dedicated import DedicatedUserSpawner, SpawnFailed, mlflow_env
 
-
-class _ControlPlane:
-    """The per-hub objects every sandboxed spawn shares (one set per configuration file)."""
-
-    def __init__(self, config: ZtlabConfig, *, audit: Any, policy: Any) -> None:
-        from ztlab.hub.gpu import Inventory, LeaseBroker, discover
-        from ztlab.hub.sandbox.cgroups import CgroupManager
-        from ztlab.hub.sandbox.netns import NetworkSegments
-
-        self.config = config
-        self.cgroups = CgroupManager.detect(parent="ztlab")
-        self.segments = NetworkSegments(
-            pool=config.sandbox.address_pool,
-            table=config.sandbox.firewall_table,
-            state_file=config.state_dir / "sandbox" / "netns.json",
-        )
-        self.segments.setup()
-        inventory = Inventory.from_config(config, nvml=discover()) if config.gpu.pools else None
-        self.inventory = inventory
-        self.leases = (
-            LeaseBroker(
-                store_path=config.state_dir / "gpu" / "leases.sqlite3",
-                inventory=inventory,
-                roles=config.roles,
-                policy=policy,
-                audit=audit,
-            )
-            if inventory is not None
-            else None
-        )
+#: how many lines of a server's log a start-up failure quotes
+_LOG_LINES = 3
 
 
 class SandboxSpawner(DedicatedUserSpawner):
-    """Spawn each server in namespaces and cgroups, with leased GPUs fenced by the kernel."""
+    """Spawn each server in namespaces and cgroups, with leased GPUs fenced by the kernel.
 
-    ztlab_config = Unicode(
-        "",
-        config=True,
-        help="""The ``ztlab.toml`` whose roles, quotas, GPU pools and ``[sandbox]`` apply.
-
-        Example: ``c.SandboxSpawner.ztlab_config = "/etc/ztlab/ztlab.toml"``. Added in 0.1.
-        """,
-    )
+    Registered as the JupyterHub spawner ``ztlab-sandbox``; the hub uses it when
+    ``[sandbox] enabled`` (the default).
+    """
 
     server_port = Integer(
         8888,
@@ -90,21 +66,6 @@ class SandboxSpawner(DedicatedUserSpawner):
 
     started_at = Float(0.0, help="When the running server started (seconds since the epoch).")
     max_hours = Float(0.0, help="How long the running server may run, from its roles.")
-
-    _planes: ClassVar[dict[str, _ControlPlane]] = {}
-
-    # -- shared state ------------------------------------------------------------------------
-
-    @property
-    def plane(self) -> _ControlPlane:
-        """The hub's shared sandbox objects, made on first use."""
-        key = self.ztlab_config
-        if key not in self._planes:
-            config = load_config(key)
-            self._planes[key] = _ControlPlane(
-                config, audit=self.authenticator.audit, policy=self.authenticator.policy_engine
-            )
-        return self._planes[key]
 
     # -- user options ------------------------------------------------------------------------
 
@@ -136,9 +97,9 @@ class SandboxSpawner(DedicatedUserSpawner):
         try:
             hours = float(raw)
         except (TypeError, ValueError) as exc:
-            raise SpawnRefused(f"hours must be a number, got {raw!r}") from exc
+            raise SpawnFailed("lease", f"hours must be a number, got {raw!r}.") from exc
         if not hours > 0:
-            raise SpawnRefused(f"hours must be more than 0, got {hours}")
+            raise SpawnFailed("lease", f"hours must be more than 0, got {hours}.")
         return hours
 
     def _requested_gpus(self) -> tuple[int, str | None]:
@@ -147,46 +108,76 @@ class SandboxSpawner(DedicatedUserSpawner):
         try:
             count = int(raw)
         except (TypeError, ValueError) as exc:
-            raise SpawnRefused(f"GPUs must be a whole number, got {raw!r}") from exc
+            raise SpawnFailed("lease", f"GPUs must be a whole number, got {raw!r}.") from exc
         if count < 0:
-            raise SpawnRefused(f"GPUs must be 0 or more, got {count}")
+            raise SpawnFailed("lease", f"GPUs must be 0 or more, got {count}.")
         pools = self.plane.config.gpu.pools
         pool = options.get("pool") or (next(iter(pools)) if len(pools) == 1 else None)
         if count and pool not in pools:
             known = ", ".join(pools) or "none"
-            raise SpawnRefused(f"unknown GPU pool {pool!r}; the pools are: {known}")
+            raise SpawnFailed(
+                "lease",
+                f"There is no GPU pool {pool!r}.",
+                hint=f"Choose one of: {known}.",
+            )
         return count, pool if count else None
 
     async def create_certs(self) -> dict[str, str]:
         """Internal TLS: the server's certificate names its sandbox address.
 
-        JupyterHub calls this before :meth:`start`; the account and the network namespace
-        (whose address is stable per user) are made here first.
+        JupyterHub calls this before :meth:`start`; the policy decides first, then the
+        account and the network namespace (whose address is stable per user) are made.
         """
-        self.ensure_account()
-        netns = self.plane.segments.create(self.user.name)
+        await self.decided()
+        async with self.stage("account"):
+            await self.ensure_account()
+        async with self.stage("sandbox"):
+            netns = await asyncio.to_thread(self._sandboxing().segments.create, self.user.name)
         self.ssl_alt_names = [f"IP:{netns.sandbox_ip}"]
         paths: dict[str, str] = await super().create_certs()
         return paths
+
+    def _sandboxing(self) -> Any:
+        sandbox = self.plane.sandbox
+        if sandbox is None:
+            raise SpawnFailed(
+                "sandbox",
+                "This hub runs without a sandbox ([sandbox] enabled = false).",
+                hint="An administrator must enable [sandbox] or use the dedicated spawner.",
+            )
+        return sandbox
 
     # -- the stages ----------------------------------------------------------------------------
 
     async def start(self) -> Any:
         """Decide, account, lease, sandbox, start. Do not override: override a stage."""
-        await self.decide()
-        self.ensure_account()
-        roles = await self._roles()
-        lease = self.lease(roles)
+        await self.decided()
+        self._decided_at = None  # the next spawn asks again
+        async with self.stage("account"):
+            await self.ensure_account()
+        roles = await self.roles()
+        async with self.stage("lease"):
+            lease = self.lease(roles)
         try:
-            address = self.sandbox_and_start(roles, lease)
-        except ZtlabError as exc:
-            self._release(reason="start failed")
-            raise SpawnRefused(f"Your server could not start: {exc.message}") from exc
+            async with self.stage("sandbox"):
+                launch = await asyncio.to_thread(self.make_sandbox, roles, lease)
+            async with self.stage("start"):
+                address = await self.start_server(launch)
         except BaseException:
-            self._release(reason="start failed")
+            await asyncio.to_thread(self._end, reason="start failed")
             raise
         self.started_at = time.time()
         self.max_hours = self.lifetime_hours(roles)
+        self.record(
+            "server.started",
+            server=self.name or "",
+            account=self.account,
+            cgroup=launch.cgroup.name,
+            netns=launch.netns.name,
+            lease=lease.id if lease is not None else None,
+            gpus=list(lease.gpus) if lease is not None else [],
+        )
+        await self.plane.flush()  # the server is acknowledged once its record is on disk
         return address
 
     def lifetime_hours(self, roles: frozenset[str]) -> float:
@@ -195,23 +186,18 @@ class SandboxSpawner(DedicatedUserSpawner):
         quotas = [config.roles[r] for r in roles if r in config.roles] or [config.roles["viewer"]]
         return max(q.max_server_hours for q in quotas)
 
-    async def _roles(self) -> frozenset[str]:
-        from ztlab.hub.login.authenticator import granted_roles
-
-        return granted_roles(await self.user.get_auth_state() or {})
-
     def lease(self, roles: frozenset[str]) -> Any:
-        """Lease the GPUs asked for, or refuse with the broker's message."""
+        """Lease the GPUs asked for, or refuse with the backend's message."""
         from ztlab.hub.gpu import LeaseError
 
         count, pool = self._requested_gpus()
         if not count:
             return None
-        broker = self.plane.leases
-        if broker is None or pool is None:
-            raise SpawnRefused("this hub has no GPU pools")
+        backend = self.plane.leases
+        if backend is None or pool is None:
+            raise SpawnFailed("lease", "This hub has no GPU pools.", hint="Ask for 0 GPUs.")
         try:
-            return broker.grant(
+            return backend.grant(
                 user=self.user.name,
                 roles=roles,
                 server=self.name or "",
@@ -220,7 +206,7 @@ class SandboxSpawner(DedicatedUserSpawner):
                 hours=self._requested_hours(),
             )
         except LeaseError as exc:
-            raise SpawnRefused(exc.message) from exc
+            raise SpawnFailed("lease", exc.message, hint=exc.hint) from exc
 
     def limits_for(self, roles: frozenset[str]) -> Any:
         """The most generous memory and CPU quota among the user's roles."""
@@ -236,64 +222,54 @@ class SandboxSpawner(DedicatedUserSpawner):
 
     def granted_datasets(self, roles: frozenset[str]) -> dict[str, Path]:
         """``/datasets/NAME`` -> directory, for each dataset the policy lets the user read."""
-        from ztlab.hub.policy import Principal
-
+        plane = self.plane
         granted: dict[str, Path] = {}
         principal = Principal(name=self.user.name, roles=roles)
-        for name, path in self.plane.config.sandbox.datasets.items():
-            decision = self.authenticator.policy_engine.authorize(
-                principal, "read_dataset", f"dataset:{name}", {}
-            )
+        for name, path in plane.config.sandbox.datasets.items():
+            decision = plane.policy.authorize(principal, "read_dataset", f"dataset:{name}", {})
             if decision.allowed and path.is_dir():
                 granted[f"/datasets/{name}"] = path
         # registered versions the user may read, at /datasets/NAME@VERSION (each grant is an
         # audited read_dataset decision)
-        registry = getattr(self.authenticator, "dataset_registry_store", None)
-        if registry is not None:
-            policy = self.authenticator.policy_engine
-            for row in registry.all_versions():
-                if not policy.authorize(principal, "read_dataset", f"dataset:{row.ref}").allowed:
-                    continue
-                if Path(row.source).is_dir():
-                    granted[f"/datasets/{row.ref}"] = Path(row.source)
+        for row in plane.datasets.all_versions():
+            if not plane.policy.authorize(principal, "read_dataset", f"dataset:{row.ref}").allowed:
+                continue
+            if Path(row.source).is_dir():
+                granted[f"/datasets/{row.ref}"] = Path(row.source)
         return granted
 
-    def sandbox_and_start(self, roles: frozenset[str], lease: Any) -> tuple[str, int]:
-        """Make the cgroup, network namespace and bubblewrap sandbox; start the server."""
-        from ztlab.hub.sandbox.bwrap import (
-            DEFAULT_READONLY_PATHS,
-            SandboxSpec,
-            env_file_content,
-            sandbox_argv,
-        )
+    def make_sandbox(self, roles: frozenset[str], lease: Any) -> _Launch:
+        """The cgroup, network namespace and bubblewrap command of the server (a thread)."""
+        from ztlab.hub.sandbox.bwrap import DEFAULT_READONLY_PATHS, SandboxSpec
         from ztlab.hub.sandbox.cgroups import base_device_rules, gpu_device_rules
 
         plane = self.plane
         config = plane.config
+        sandbox = self._sandboxing()
+        tools = _tools(config.sandbox.bwrap)
         minors = list(lease.minors) if lease is not None else []
         devices = base_device_rules() + (gpu_device_rules(minors) if minors else [])
-        cgroup = plane.cgroups.create(self.account, limits=self.limits_for(roles), devices=devices)
+        cgroup = sandbox.cgroups.create(
+            self.account, limits=self.limits_for(roles), devices=devices
+        )
         cgroup.kill_all()  # nothing left over from an earlier server of this user
-        netns = plane.segments.create(self.user.name)
-        plane.segments.allow_ingress(netns, port=self.server_port)
-        plane.segments.allow(netns, dest=plane.segments.service_ip, port=_port(config.hub.api_url))
+        netns = sandbox.segments.create(self.user.name)
+        sandbox.segments.allow_ingress(netns, port=self.server_port)
+        api_port = _port(config.hub.api_url)
+        sandbox.segments.allow(netns, dest=sandbox.segments.service_ip, port=api_port)
 
         entry = pwd.getpwnam(self.account)
         self.port = self.server_port
         self.ip = "0.0.0.0"  # noqa: S104 - inside the user's own network namespace
         env = self.get_env()
         scheme = "https" if self.internal_ssl else "http"
-        env["JUPYTERHUB_API_URL"] = (
-            f"{scheme}://{plane.segments.service_ip}:{_port(config.hub.api_url)}/hub/api"
-        )
+        env["JUPYTERHUB_API_URL"] = f"{scheme}://{sandbox.segments.service_ip}:{api_port}/hub/api"
         env["PATH"] = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
         if lease is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(_cuda_ids(plane, lease))
             env["ZTLAB_GPU_LEASE"] = lease.id
             env["ZTLAB_GPU_POOL"] = lease.pool
         if "MLFLOW_TRACKING_URI" in env:
-            from ztlab.hub.spawner.dedicated import mlflow_env
-
             mlflow_env(env)  # the API URL changed to the service address
         env["ZTLAB_DATASETS_MOUNT"] = "/datasets"  # registered versions at /datasets/NAME@VERSION
         gpu_nodes = [Path(f"/dev/nvidia{m}") for m in minors]
@@ -309,35 +285,51 @@ class SandboxSpawner(DedicatedUserSpawner):
             # other users' cgroups (names, pids, usage) are not the sandbox's business
             hidden=[config.state_dir, Path("/etc/ztlab"), Path("/sys/fs/cgroup")],
         )
-        read_end, write_end = os.pipe()
-        try:
-            os.write(write_end, env_file_content(env))
-        finally:
-            os.close(write_end)
-        command = [*self.cmd, *self.get_args()]
-        argv = sandbox_argv(spec, command, netns=netns.name, env_fd=read_end, die_with_parent=False)
-        try:
-            # the child joins the user's cgroup before it execs anything (needs root)
-            self.proc = subprocess.Popen(
-                argv,
-                preexec_fn=cgroup.preexec(),
-                pass_fds=(read_end,),
-                start_new_session=True,
-                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-            )
-        finally:
-            os.close(read_end)
-        self.pid = self.proc.pid
-        self.authenticator.record(
-            self.user.name,
-            "server.started",
-            account=self.account,
-            cgroup=cgroup.name,
-            netns=netns.name,
-            lease=lease.id if lease is not None else None,
-            gpus=list(lease.gpus) if lease is not None else [],
+        log = config.state_dir / "logs" / "servers" / f"{self.account}.log"
+        return _Launch(
+            memory=self.limits_for(roles).memory_bytes,
+            oom_kills=cgroup.oom_kills(),
+            spec=spec,
+            command=[*self.cmd, *self.get_args()],
+            tools=tools,
+            env=env,
+            cgroup=cgroup,
+            netns=netns,
+            log=log,
         )
-        return netns.sandbox_ip, self.server_port
+
+    async def start_server(self, launch: _Launch) -> tuple[str, int]:
+        """Start the server in its sandbox; return once it listens (or say why it ended)."""
+        self.proc = await asyncio.to_thread(_spawn, launch)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + self.start_timeout
+        address = (launch.netns.sandbox_ip, self.server_port)
+        while True:
+            status = self.proc.poll()
+            if status is not None:
+                if await asyncio.to_thread(launch.cgroup.oom_kills) > launch.oom_kills:
+                    raise SpawnFailed(
+                        "start",
+                        "Your server was stopped by its memory limit "
+                        f"({launch.memory // 2**20} MiB) while starting.",
+                        hint="Ask an administrator for a role with more memory.",
+                    )
+                raise SpawnFailed(
+                    "start",
+                    f"Your server exited while starting (exit status {status})"
+                    + _last_lines(launch.log),
+                    hint="Try again; if it keeps failing, an administrator can read "
+                    f"{launch.log} on the hub.",
+                )
+            if await _listening(address):
+                return address
+            if time.monotonic() > deadline:
+                raise SpawnFailed(
+                    "start",
+                    f"Your server did not start listening within {self.start_timeout} s.",
+                    hint=f"An administrator can read {launch.log} on the hub.",
+                )
+            await asyncio.sleep(0.05)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -347,18 +339,16 @@ class SandboxSpawner(DedicatedUserSpawner):
         if status is not None:
             return int(status)
         if self.started_at and time.time() - self.started_at > self.max_hours * 3600:
-            self.authenticator.record(self.user.name, "server.lifetime_ended", hours=self.max_hours)
+            self.record("server.lifetime_ended", hours=self.max_hours)
             await self.stop(now=True)
             return 0
-        broker = self.plane.leases
-        if broker is not None:
-            for lease in broker.active(user=self.user.name):
+        backend = self.plane.leases
+        if backend is not None:
+            for lease in backend.active(user=self.user.name):
                 if lease.server == (self.name or "") and lease.expired(time.time()):
-                    self.authenticator.record(
-                        self.user.name, "server.lease_expired", lease=lease.id
-                    )
+                    self.record("server.lease_expired", lease=lease.id)
                     await self.stop(now=True)
-                    broker.expire()
+                    backend.expire()
                     return 0
         return None
 
@@ -367,16 +357,27 @@ class SandboxSpawner(DedicatedUserSpawner):
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
-        cgroup = self.plane.cgroups.get(self.account)
-        if cgroup is not None:
-            cgroup.kill_all()
-        self._release(reason="server stopped")
+        released = await asyncio.to_thread(self._end, reason="server stopped")
+        self.record(
+            "server.stopped",
+            server=self.name or "",
+            leases_released=[lease.id for lease in released],
+            reason="stopped",
+        )
         self.clear_state()
+        await self.plane.flush()
 
-    def _release(self, *, reason: str) -> None:
-        broker = self.plane.leases
-        if broker is not None:
-            broker.release_server(user=self.user.name, server=self.name or "", reason=reason)
+    def _end(self, *, reason: str) -> list[Any]:
+        """Kill the sandbox's processes and release the server's leases (a thread)."""
+        sandbox = self.plane.sandbox
+        if sandbox is not None:
+            cgroup = sandbox.cgroups.get(self.account)
+            if cgroup is not None:
+                cgroup.kill_all()
+        backend = self.plane.leases
+        if backend is None:
+            return []
+        return backend.release_server(user=self.user.name, server=self.name or "", reason=reason)
 
     def get_state(self) -> dict[str, Any]:
         """Saved in the hub database: the pid, and when the server started and may run to."""
@@ -397,13 +398,106 @@ class SandboxSpawner(DedicatedUserSpawner):
         self.max_hours = 0.0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Launch:
+    """What :meth:`SandboxSpawner.make_sandbox` prepared for the start stage."""
+
+    memory: int
+    oom_kills: int
+    spec: Any
+    command: list[str]
+    tools: dict[str, str]
+    env: dict[str, str]
+    cgroup: Any
+    netns: Any
+    log: Path
+
+
+def _spawn(launch: _Launch) -> subprocess.Popen[bytes]:
+    """Start the sandbox chain, its environment passed by descriptor (its token never
+    appears on a command line), its output in the server's log (0600, control plane)."""
+    from ztlab.hub.private import private_directory
+    from ztlab.hub.sandbox.bwrap import env_file_content, sandbox_argv
+
+    private_directory(launch.log.parent, what="server log directory")
+    log_fd = os.open(launch.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    read_end, write_end = os.pipe()
+    try:
+        try:
+            os.write(write_end, env_file_content(launch.env))
+        finally:
+            os.close(write_end)
+        argv = sandbox_argv(
+            launch.spec,
+            launch.command,
+            netns=launch.netns.name,
+            env_fd=read_end,
+            die_with_parent=False,
+            bwrap=launch.tools["bwrap"],
+            nsenter=launch.tools["nsenter"],
+            setpriv=launch.tools["setpriv"],
+        )
+        # the child joins the user's cgroup before it execs anything (needs root)
+        return subprocess.Popen(
+            argv,
+            preexec_fn=launch.cgroup.preexec(),
+            pass_fds=(read_end,),
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            start_new_session=True,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
+    finally:
+        os.close(read_end)
+        os.close(log_fd)
+
+
+async def _listening(address: tuple[str, int]) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*address), timeout=0.5)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def _last_lines(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "."
+    if not lines:
+        return "."
+    return ": " + " / ".join(line.strip()[:200] for line in lines[-_LOG_LINES:])
+
+
+def _tools(bwrap: str) -> dict[str, str]:
+    """The sandbox's programs, resolved now so that a missing one fails the sandbox stage."""
+    found: dict[str, str] = {}
+    for name, program in (("bwrap", bwrap), ("nsenter", "nsenter"), ("setpriv", "setpriv")):
+        path = shutil.which(program)
+        if path is None:
+            package = "bubblewrap" if name == "bwrap" else "util-linux"
+            raise SpawnFailed(
+                "sandbox",
+                f"The sandbox cannot start: {program} is not installed on this hub.",
+                hint=f"An administrator must install the Debian package {package} "
+                "(`make up` does) or set [sandbox] bwrap to its path.",
+            )
+        found[name] = path
+    return found
+
+
 def _port(url: str) -> int:
     from urllib.parse import urlsplit
 
     return urlsplit(url).port or 8081
 
 
-def _cuda_ids(plane: _ControlPlane, lease: Any) -> list[str]:
+def _cuda_ids(plane: Any, lease: Any) -> list[str]:
     ids = []
     for gpu_id in lease.gpus:
         gpu = plane.inventory.gpu(gpu_id) if plane.inventory is not None else None

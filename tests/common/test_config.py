@@ -402,7 +402,8 @@ ONE_PROBLEM: list[tuple[str, str, str]] = [
         "[login]\nmfa = true\n",
         "ztlab.toml: login.mfa: unknown key; expected one of: accepted_acr, accepted_amr, "
         "allowed_networks, auth_refresh_age_seconds, client_id, development_provider, "
-        "groups_claim, issuer, scopes, session_idle_seconds, session_max_age_seconds, "
+        "groups_claim, id_token_leeway_seconds, issuer, pending_login_seconds, scopes, "
+        "session_idle_seconds, session_max_age_seconds, "
         "step_up_on_new_context, token_max_age_seconds, totp_lockout_seconds, "
         "totp_max_failures, username_claim, validate_provider_certificate",
     ),

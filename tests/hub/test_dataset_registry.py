@@ -25,7 +25,6 @@ from ztlab.common.attest import (
 )
 from ztlab.common.errors import KeyFileError, UsageError
 from ztlab.common.manifest import ManifestError, UnsafeTreeError, fingerprint
-from ztlab.hub.attest.keys import load_or_create_attestation_key
 from ztlab.hub.datasets import (
     DatasetExists,
     DatasetNotFound,
@@ -34,6 +33,7 @@ from ztlab.hub.datasets import (
     RegistryDenied,
     RegistryError,
 )
+from ztlab.hub.keys import load_or_create_attestation_key
 from ztlab.hub.policy import AUDIT_ACTION, PolicyEngine, Principal
 
 STEWARD = Principal(name="sam", roles=frozenset({"data-steward"}))

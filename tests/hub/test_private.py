@@ -9,11 +9,15 @@ from pathlib import Path
 import pytest
 
 from ztlab.common.errors import ConfigError, ZtlabError
-from ztlab.hub.hubconfig import private_dir
-from ztlab.hub.hubconfig import private_file as hub_private_file
 from ztlab.hub.models.mlflow import MlflowREST
 from ztlab.hub.models.service import ModelService, ModelServiceError
-from ztlab.hub.private import private_directory, private_file, read_private_file
+from ztlab.hub.private import (
+    private_directory,
+    private_file,
+    read_private_file,
+    state_directory,
+    state_file,
+)
 
 NOBODY = 65534
 
@@ -67,15 +71,15 @@ def test_the_hub_tightens_what_it_owns_and_refuses_what_it_does_not(tmp_path: Pa
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
     state.chmod(0o755)
-    assert mode(private_dir(state)) == 0o700
+    assert mode(state_directory(state)) == 0o700
     cookie = state / "cookie"
     cookie.write_bytes(b"x")
     cookie.chmod(0o644)
-    assert mode(hub_private_file(cookie)) == 0o600
+    assert mode(state_file(cookie)) == 0o600
     os.chown(cookie, NOBODY, NOBODY)
     cookie.chmod(0o644)
     with pytest.raises(ConfigError, match=r"state file is readable .* \(mode 0644\)"):
-        hub_private_file(cookie)
+        state_file(cookie)
 
 
 def test_the_model_store_refuses_a_database_others_can_read(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import shutil
 import socket
 import sqlite3
 import ssl
-import stat
 import subprocess
 import sys
 import tempfile
@@ -28,25 +27,22 @@ import pytest
 import requests
 
 from tests.hub.spawner.kernel_client import KernelSession
-from tests.hubstack import LoginStack, running_stack
+from tests.hubstack import (
+    LoginStack,
+    hub_token,
+    nvidia_nodes,
+    provider_user,
+    remove_accounts,
+    running_stack,
+    spawn_server,
+    wait_ready,
+)
 from ztlab.hub.sandbox.cgroups import CgroupManager
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 USERS = ("ivan", "judy", "kim")
 MEMORY_LIMIT_MB = 400
-
-
-def _user(name: str) -> dict[str, object]:
-    return {
-        "password": f"{name}-password",
-        "email": f"{name}@example.org",
-        "name": name,
-        "groups": ["ml-trainers"],
-        "amr": ["pwd", "otp"],
-        "acr": "urn:ztlab:mfa",
-        "disabled": False,
-    }
 
 
 @dataclass
@@ -75,14 +71,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoginStack]:
     dataset = shared / "mnist"
     dataset.mkdir(mode=0o755)
     (dataset / "train.csv").write_text("x,y\n1,2\n")
-    # two GPUs' device nodes (NVIDIA's major 195) on this GPU-less machine
-    made = []
-    for minor in (0, 1):
-        node = Path(f"/dev/nvidia{minor}")
-        if not node.exists():
-            os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(195, minor))
-            node.chmod(0o666)  # as the NVIDIA driver makes them: the fence is the cgroup
-            made.append(node)
     extra = f"""pids_max = 200
 [sandbox.datasets]
 mnist = "{dataset}"
@@ -98,83 +86,38 @@ roles = ["trainer"]
 [datasets]
 storage_roots = ["{shared}"]
 """
-    steward = {**_user("sara"), "groups": ["data-stewards"]}
-    with running_stack(
-        root,
-        extra_config=extra,
-        extra_users={**{u: _user(u) for u in USERS}, "sara": steward},
-        pool="10.214.0.0/16",
-        table="ztlab_test_iso",
-    ) as running:
+    steward = provider_user("sara", "data-stewards")
+    with (
+        nvidia_nodes(0, 1),
+        running_stack(  # two GPUs' device nodes on a GPU-less machine
+            root,
+            extra_config=extra,
+            extra_users={**{u: provider_user(u, "ml-trainers") for u in USERS}, "sara": steward},
+            pool="10.214.0.0/16",
+            table="ztlab_test_iso",
+        ) as running,
+    ):
         # a registered version, before any server starts (mounts are granted at spawn)
         registered = requests.post(
             f"{running.hub_url}/hub/api/ztlab/datasets",
             json={"ref": "mnist@1", "path": str(dataset)},
-            headers={"Authorization": f"token {_token(running, 'sara')}"},
+            headers={"Authorization": f"token {hub_token(running, 'sara')}"},
             timeout=60,
         )
         assert registered.status_code == 201, registered.text
         yield running
     shutil.rmtree(shared, ignore_errors=True)
-    for node in made:
-        node.unlink(missing_ok=True)
-    for user in USERS:
-        subprocess.run(["pkill", "-KILL", "-u", f"ztl-{user}"], check=False)
-        subprocess.run(["userdel", "--remove", f"ztl-{user}"], check=False, capture_output=True)
-
-
-def _token(stack: LoginStack, user: str) -> str:
-    session = stack.session()
-    assert stack.login(session, user).status_code == 200
-    xsrf = session.cookies.get("_xsrf") or ""
-    response = session.post(
-        f"{stack.hub_url}/hub/api/users/{user}/tokens",
-        json={"note": "isolation test", "expires_in": 3600},
-        headers={"X-XSRFToken": xsrf},
-        timeout=30,
-    )
-    assert response.status_code == 201, response.text
-    return str(response.json()["token"])
-
-
-def _spawn(
-    stack: LoginStack, user: str, token: str, options: dict[str, object]
-) -> requests.Response:
-    return requests.post(
-        f"{stack.hub_url}/hub/api/users/{user}/server",
-        json=options,
-        headers={"Authorization": f"token {token}"},
-        timeout=120,
-    )
-
-
-def _wait_ready(stack: LoginStack, user: str, token: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        model = requests.get(
-            f"{stack.hub_url}/hub/api/users/{user}",
-            headers={"Authorization": f"token {token}"},
-            timeout=30,
-        ).json()
-        server = (model.get("servers") or {}).get("")
-        if server and server.get("ready"):
-            return
-        if not model.get("pending") and not server:
-            raise AssertionError(f"{user}'s server stopped while starting: {model}")
-        time.sleep(0.5)
-    raise AssertionError(
-        f"{user}'s server was not ready in {timeout} s:\n{stack.hub_log.read_text()[-3000:]}"
-    )
+    remove_accounts(*USERS)
 
 
 @pytest.fixture(scope="module")
 def servers(stack: LoginStack) -> Iterator[dict[str, Server]]:
     running: dict[str, Server] = {}
     for user, gpus in (("ivan", 1), ("judy", 1)):
-        server = Server(user=user, token=_token(stack, user))
-        response = _spawn(stack, user, server.token, {"gpus": gpus, "pool": "research"})
+        server = Server(user=user, token=hub_token(stack, user))
+        response = spawn_server(stack, user, server.token, {"gpus": gpus, "pool": "research"})
         assert response.status_code in (201, 202), response.text
-        _wait_ready(stack, user, server.token)
+        wait_ready(stack, user, server.token)
         server.kernel = KernelSession(stack.hub_url, user, server.token)
         running[user] = server
     yield running
@@ -454,11 +397,11 @@ def _oom_kills(account: str) -> int:
 
 
 def test_quota_and_pool_exhaustion_are_clear(servers: dict[str, Server], stack: LoginStack) -> None:
-    token = _token(stack, "kim")
-    response = _spawn(stack, "kim", token, {"gpus": 2, "pool": "research"})
+    token = hub_token(stack, "kim")
+    response = spawn_server(stack, "kim", token, {"gpus": 2, "pool": "research"})
     assert response.status_code >= 400
     assert "at most 1 GPU" in response.text or "has 2 GPUs in all" in response.text
-    response = _spawn(stack, "kim", token, {"gpus": 1, "pool": "research"})
+    response = spawn_server(stack, "kim", token, {"gpus": 1, "pool": "research"})
     assert response.status_code >= 400
     assert "free in pool research: 0 of 2 GPUs" in response.text, response.text
     assert stack.wait_record("policy.decision", actor="kim")
@@ -495,10 +438,10 @@ def _active_leases(stack: LoginStack, user: str) -> int:
 
 def test_a_server_past_its_lease_is_stopped(servers: dict[str, Server], stack: LoginStack) -> None:
     """kim leases the GPU judy gave back, for 0.003 hours (about 11 s)."""
-    token = _token(stack, "kim")
-    response = _spawn(stack, "kim", token, {"gpus": 1, "pool": "research", "hours": 0.003})
+    token = hub_token(stack, "kim")
+    response = spawn_server(stack, "kim", token, {"gpus": 1, "pool": "research", "hours": 0.003})
     assert response.status_code in (201, 202), response.text
-    _wait_ready(stack, "kim", token)
+    wait_ready(stack, "kim", token)
     assert _active_leases(stack, "kim") == 1
     deadline = time.monotonic() + 60  # lease 11 s, and the hub polls every 10 s
     stopped = False

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ztlab.common.errors import KeyFileError, UsageError, ZtlabError
-from ztlab.hub.login.totp import (
+from ztlab.hub.mfa.totp import (
     RECOVERY_CODE_COUNT,
     Enrollment,
     TotpError,

@@ -1,4 +1,4 @@
-"""Private to :mod:`ztlab.hub.login.totp`: the store's key file, sealing and code digests.
+"""Private to :mod:`ztlab.hub.mfa.totp`: the store's key file, sealing and code digests.
 
 The key file holds 32 random bytes (mode 0600, owned by the control plane's user; a file
 that group or others can read is refused). Nothing uses those bytes directly: HKDF-SHA256
@@ -27,6 +27,8 @@ KEY_BYTES = 32
 
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
+#: the key-derivation label (keeps the module's first name): changing it orphans every
+#: sealed secret, so it never changes
 _INFO_PREFIX = b"ztlab.hub.login.totp/v1/"
 
 

@@ -49,7 +49,7 @@ import segno
 
 from ztlab.common.auditlog.sink import AuditSink
 from ztlab.common.errors import KeyFileError, UsageError, ZtlabError
-from ztlab.hub.login._sealed import SealingKey, load_key_file, load_or_create_key_file
+from ztlab.hub.mfa._sealed import SealingKey, load_key_file, load_or_create_key_file
 from ztlab.hub.private import check_private_file, write_private_file
 
 __all__ = [

@@ -1,8 +1,10 @@
-"""Keys that sign statements: ECDSA P-256 (the control plane's default, the curve
-OpenSSF model-signing uses for its key method) or Ed25519.
+"""Public keys, as both sides of the trust boundary read them (no private key lives here).
 
+Statements are signed with ECDSA P-256 (the control plane's default, the curve OpenSSF
+model-signing uses for its key method) or Ed25519; the audit log's checkpoints with Ed25519.
 A key is named by its *key id*: the lowercase hex SHA-256 of its DER SubjectPublicKeyInfo,
-so the same public key always has the same id whatever file it came from.
+so the same public key always has the same id whatever file it came from. Creating, storing
+and loading private keys is the control plane's (:mod:`ztlab.hub.keys`).
 """
 
 from __future__ import annotations
@@ -71,3 +73,22 @@ def load_public_key(path: Path) -> PublicKey:
 def load_public_keys(paths: list[Path]) -> dict[str, PublicKey]:
     """Trusted keys by key id, from PEM files."""
     return {key_id(key): key for key in (load_public_key(path) for path in paths)}
+
+
+def load_ed25519_public_key(path: Path) -> Ed25519PublicKey:
+    """The Ed25519 public key in the PEM file at ``path`` (an audit log's verifier key)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise KeyFileError(
+            f"{path}: no such public key", hint="pass the exported key with --public-key"
+        ) from exc
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read the public key: {exc.strerror}") from exc
+    try:
+        key = load_pem_public_key(data)
+    except ValueError as exc:
+        raise KeyFileError(f"{path}: not a PEM public key: {exc}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError(f"{path}: expected an Ed25519 public key, got {type(key).__name__}")
+    return key

@@ -1,7 +1,10 @@
-"""Background processes of ``ztlab up`` (the development IdP, the hub), tracked by pid files.
+"""Background processes the control plane runs, tracked by pid files.
 
-Each process runs in its own session (so ``ztlab down`` can stop it with its children),
-logs to ``<state_dir>/logs/NAME.log`` and records its pid in ``<state_dir>/run/NAME.pid``.
+The hub runs MLflow this way, and ``ztlab up`` the development IdP and the hub itself. Each
+process runs in its own session (so that stopping it stops its children too), logs to
+``<state_dir>/logs/NAME.log`` and records its pid and start time in
+``<state_dir>/run/NAME.pid``. The start time guards against a pid the kernel handed to an
+unrelated process after a crash or a reboot: such a pid file is stale, never a target.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ztlab.common.errors import ZtlabError
@@ -22,12 +25,14 @@ class ProcessError(ZtlabError):
     """A background process could not be started or did not become ready."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class ManagedProcess:
     """One named background process under ``state_dir``."""
 
     name: str
     state_dir: Path
+    #: the process this object started (``None`` for one found through its pid file)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     @property
     def pid_file(self) -> Path:
@@ -40,12 +45,12 @@ class ManagedProcess:
     def pid(self) -> int | None:
         """The pid if the process is alive, else ``None`` (a stale pid file is removed)."""
         try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
+            fields = self.pid_file.read_text().split()
+            pid = int(fields[0])
+            started = int(fields[1]) if len(fields) > 1 else None
+        except (FileNotFoundError, ValueError, IndexError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid) or (started is not None and _start_time(pid) != started):
             self.pid_file.unlink(missing_ok=True)
             return None
         return pid
@@ -72,8 +77,10 @@ class ManagedProcess:
             )
         finally:
             os.close(fd)
-        self.pid_file.write_text(f"{proc.pid}\n")
-        self.pid_file.chmod(0o600)
+        fd = os.open(self.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{proc.pid} {_start_time(proc.pid)}\n")
+        self.process = proc
         return proc.pid
 
     def stop(self, timeout: float = 20) -> bool:
@@ -100,6 +107,16 @@ class ManagedProcess:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (``/proc/PID/stat`` field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may hold spaces
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,432 @@
+"""The catalogue of audit events: every action the control plane records, and its fields.
+
+One list, used three ways: the control plane's writers go through
+:class:`CataloguedSink`, which checks each event against it (a misspelt action would
+otherwise be an event nobody searches for); the documentation's audit page is rendered from
+it; and the end-to-end tests check every record their hubs wrote against it. A mismatch is
+a programming error: the sink logs it and still records the event (evidence is never
+dropped, and an operation is never left half done because of its record), and the tests
+fail on it. Operators' own records (``ztlab audit append``) are not bound by the catalogue.
+
+Each :class:`EventType` names its ``actor`` (who the record's actor is) and the ``detail``
+fields it may carry; fields marked optional may be left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ztlab.common.auditlog.sink import AuditSink
+from ztlab.common.errors import AuditError
+
+__all__ = ["CATALOGUE", "CataloguedSink", "EventType", "check_event_type", "event_types"]
+
+
+@dataclass(frozen=True, slots=True)
+class EventType:
+    """One kind of audit record."""
+
+    #: the dotted action name (``login.refused``)
+    name: str
+    #: what happened, in one sentence
+    summary: str
+    #: who the record's actor is
+    actor: str
+    #: detail field -> what it holds
+    fields: Mapping[str, str] = field(default_factory=dict)
+    #: fields that may be left out
+    optional: frozenset[str] = frozenset()
+
+    @property
+    def section(self) -> str:
+        """The first part of the name (``login``), which groups events in the docs."""
+        return self.name.split(".", 1)[0]
+
+
+_USER = "the hub user"
+_SYSTEM = "``ztlab-hub`` (the control plane on its own)"
+
+_LEASE_FIELDS = {
+    "lease": "lease id",
+    "user": "the holder",
+    "server": "the holder's server name (empty: the default server)",
+    "pool": "GPU pool",
+    "gpus": "GPU ids, as configured",
+    "minors": "``N`` of each ``/dev/nvidiaN``",
+    "granted_at": "when it was granted (UTC)",
+    "expires_at": "when it expires (UTC)",
+}
+_LEASE_ENDED = {
+    **_LEASE_FIELDS,
+    "released_at": "when it ended (UTC)",
+    "held_seconds": "how long it was held",
+    "reason": "why it ended (``server stopped``, ``start failed``, ``reconciled``, ...)",
+}
+_MODEL_REFUSED = {"model": "``NAME@VERSION``", "reason": "why, as the user was told"}
+_MODEL_DECISION = {
+    "model": "``NAME@VERSION``",
+    "alias": "the protected alias moved (empty for a rejection)",
+    "reason": "the reason the approver gave",
+}
+_DATASET_REPORT = {
+    "dataset": "``NAME@VERSION``",
+    "root": "the signed manifest's root digest",
+    "kind": "what the kernel found (``mismatch``, ``unverified-open``, ...)",
+    "file": "the file concerned",
+    "expected": "the digest the manifest lists",
+    "actual": "the digest the kernel computed",
+    "detail": "free text from the kernel",
+    "reported_by": "``kernel``",
+}
+
+_TYPES: tuple[EventType, ...] = (
+    # -- the control plane itself --
+    EventType(
+        "control_plane.up",
+        "`ztlab up` validated the configuration and policies and started the environment.",
+        "``ztlab``",
+        {
+            "config": "the configuration file",
+            "policies": "policy ids",
+            "roles": "role names",
+            "pid": "process id of `ztlab up`",
+        },
+    ),
+    EventType(
+        "control_plane.started",
+        "The hub's control plane opened its services.",
+        _SYSTEM,
+        {
+            "config": "the configuration file",
+            "pid": "the hub's process id",
+            "services": "the services opened",
+            "version": "ztlab's version",
+        },
+    ),
+    EventType(
+        "control_plane.reconciled",
+        "After a (re)start, leases and sandboxes were matched with the servers that run.",
+        _SYSTEM,
+        {
+            "running": "servers found running (``user/server``)",
+            "leases_released": "leases whose server no longer runs",
+            "sandboxes_stopped": "accounts whose processes ran without a server",
+        },
+    ),
+    EventType(
+        "control_plane.stopped",
+        "The hub's control plane closed its services (a clean stop).",
+        _SYSTEM,
+        {"pid": "the hub's process id"},
+    ),
+    EventType(
+        "control_plane.service_restarted",
+        "A service the control plane runs (MLflow) had exited and was started again.",
+        _SYSTEM,
+        {"service": "its name", "exit_status": "how it ended", "log": "its log file"},
+        optional=frozenset({"exit_status"}),
+    ),
+    EventType(
+        "audit.torn_tail_quarantined",
+        "Opening the log found a half-written last line (a crash) and moved it aside.",
+        "``ztlab-audit``",
+        {"file": "where the torn bytes were moved", "bytes": "how many"},
+    ),
+    # -- login and sessions --
+    EventType(
+        "login.success",
+        "A user signed in with both factors proven.",
+        _USER,
+        {
+            "mfa": "``provider``, ``totp`` or ``recovery``",
+            "roles": "policy roles granted",
+            "client_ip": "the browser's address",
+        },
+    ),
+    EventType(
+        "login.refused",
+        "A sign-in was refused; ``reason`` says at which check.",
+        "the user, or ``anonymous`` before the user is known",
+        {
+            "reason": "the check that failed (``network``, ``id-token-signature``, ``no-role``, "
+            "...)",
+            "client_ip": "the browser's address",
+            "groups": "the provider's groups",
+            "error": "the verifier's message",
+        },
+        optional=frozenset({"client_ip", "groups", "error"}),
+    ),
+    EventType(
+        "login.mfa_required",
+        "The provider proved no second factor (or the context changed): TOTP step-up asked.",
+        _USER,
+        {"why": "why the step-up was asked", "client_ip": "the browser's address"},
+    ),
+    EventType(
+        "session.expired",
+        "A session ended at its maximum or idle age.",
+        _USER,
+        {"reason": "``max-age`` or ``idle``", "idle_seconds": "how long it was idle"},
+        optional=frozenset({"idle_seconds"}),
+    ),
+    EventType(
+        "session.refresh_refused",
+        "Re-checking a session at the provider failed (account disabled, no role left, ...).",
+        _USER,
+        {"reason": "why"},
+    ),
+    EventType(
+        "session.roles_changed",
+        "The provider's groups now map to other roles.",
+        _USER,
+        {"old": "roles before", "new": "roles now"},
+    ),
+    # -- the hub's TOTP ----------------------------------------------------------------------
+    EventType(
+        "mfa.totp.enrollment_started",
+        "A user was shown a new TOTP secret (not yet confirmed).",
+        _USER,
+        {"replaced_pending": "whether an unconfirmed one was replaced"},
+    ),
+    EventType(
+        "mfa.totp.enrolled",
+        "A user confirmed a TOTP enrollment with a first code.",
+        _USER,
+        {"recovery_codes": "recovery codes issued"},
+    ),
+    EventType(
+        "mfa.totp.verified",
+        "A TOTP or recovery code was accepted.",
+        _USER,
+        {"method": "``totp`` or ``recovery``", "stage": "``verify`` or ``enroll``"},
+    ),
+    EventType(
+        "mfa.totp.failed",
+        "A TOTP or recovery code was refused.",
+        _USER,
+        {
+            "reason": "``wrong-code``, ``replayed``, ``locked``, ...",
+            "failures": "failures in a row",
+            "stage": "``verify`` or ``enroll``",
+        },
+        optional=frozenset({"stage"}),
+    ),
+    EventType(
+        "mfa.totp.locked",
+        "Too many wrong codes in a row: the user's step-up is locked.",
+        _USER,
+        {"failures": "failures in a row", "lockout_seconds": "how long"},
+    ),
+    EventType(
+        "mfa.totp.unlocked",
+        "An administrator lifted a user's lockout.",
+        "the administrator",
+        {
+            "user": "whose lockout",
+            "was_locked": "whether it was locked",
+            "failures": "failures before",
+        },
+    ),
+    EventType(
+        "mfa.totp.reset",
+        "An administrator reset a user's enrollment.",
+        "the administrator",
+        {"user": "whose", "was_enrolled": "whether one existed"},
+    ),
+    EventType(
+        "mfa.recovery_code.used",
+        "A single-use recovery code was spent.",
+        _USER,
+        {"codes_left": "unused codes left"},
+    ),
+    # -- policy --
+    EventType(
+        "policy.decision",
+        "The policy engine allowed or denied a request.",
+        "the principal asking",
+        {
+            "roles": "the principal's roles",
+            "action": "the policy action",
+            "resource": "the resource",
+            "allowed": "the decision",
+            "policy_id": "the deciding policy",
+            "reason": "the decision's reason",
+            "context": "the request's context",
+        },
+    ),
+    # -- servers --
+    EventType(
+        "account.created",
+        "The dedicated Unix account of a user was created (first spawn).",
+        _USER,
+        {"account": "the Unix account"},
+    ),
+    EventType(
+        "server.started",
+        "A user's server started in its sandbox.",
+        _USER,
+        {
+            "account": "the Unix account",
+            "cgroup": "its cgroup",
+            "netns": "its network namespace",
+            "lease": "its GPU lease, or null",
+            "gpus": "leased GPU ids",
+            "server": "server name (empty: the default server)",
+        },
+        optional=frozenset({"cgroup", "netns", "lease", "gpus"}),
+    ),
+    EventType(
+        "server.spawn_failed",
+        "A server did not start; ``stage`` says where (decide, account, lease, sandbox, start).",
+        _USER,
+        {
+            "stage": "the spawn stage that failed",
+            "reason": "what the user was told",
+            "server": "server name (empty: the default server)",
+        },
+    ),
+    EventType(
+        "server.stopped",
+        "A user's server was stopped and its sandbox ended.",
+        _USER,
+        {"server": "server name", "leases_released": "GPU leases released", "reason": "why"},
+    ),
+    EventType(
+        "server.lifetime_ended",
+        "A server reached the longest lifetime its roles allow and was stopped.",
+        _USER,
+        {"hours": "the lifetime"},
+    ),
+    EventType(
+        "server.lease_expired",
+        "A server's GPU lease expired; the server was stopped.",
+        _USER,
+        {"lease": "lease id"},
+    ),
+    # -- GPU leases --
+    EventType(
+        "gpu.lease.granted",
+        "GPUs of a pool were leased to a user's server.",
+        _USER,
+        {
+            **_LEASE_FIELDS,
+            "roles": "the holder's roles",
+            "hours": "the lifetime granted",
+            "policy_id": "the policy that allowed it",
+        },
+    ),
+    EventType("gpu.lease.released", "A lease ended before its expiry.", "the holder", _LEASE_ENDED),
+    EventType("gpu.lease.expired", "A lease reached its expiry.", _SYSTEM, _LEASE_ENDED),
+    # -- datasets --
+    EventType(
+        "dataset.register",
+        "The control plane fingerprinted, signed and registered a dataset version.",
+        "the data steward",
+        {
+            "dataset": "``NAME@VERSION``",
+            "root": "manifest root digest",
+            "algorithm": "``blake3`` or ``sha256``",
+            "files": "files",
+            "bytes": "total size",
+            "source": "the directory",
+            "keyid": "the signing key's id",
+        },
+    ),
+    EventType(
+        "dataset.verify.failed",
+        "A kernel reported data that does not match its signed manifest.",
+        _USER,
+        _DATASET_REPORT,
+        optional=frozenset({"kind", "file", "expected", "actual", "detail"}),
+    ),
+    EventType(
+        "dataset.read.unverified",
+        "A kernel reported a dataset file opened without verification.",
+        _USER,
+        _DATASET_REPORT,
+        optional=frozenset({"kind", "file", "expected", "actual", "detail"}),
+    ),
+    # -- models --
+    EventType(
+        "model.sign",
+        "The control plane signed a registered model version over its artifacts and lineage.",
+        "the trainer",
+        {
+            "model": "``NAME@VERSION``",
+            "trainer": "who trained it",
+            "run_id": "MLflow run",
+            "datasets": "the datasets it read",
+            "bundle_sha256": "digest of the signature bundle",
+            "keyid": "the signing key's id",
+            "on_register": "signed as it was registered",
+        },
+        optional=frozenset({"on_register"}),
+    ),
+    EventType("model.sign.refused", "Signing a version was refused.", _USER, _MODEL_REFUSED),
+    EventType(
+        "model.approve", "A version was approved; its alias moved.", "the approver", _MODEL_DECISION
+    ),
+    EventType("model.approve.refused", "An approval was refused.", _USER, _MODEL_REFUSED),
+    EventType("model.reject", "A version was rejected.", "the approver", _MODEL_DECISION),
+    EventType("model.reject.refused", "A rejection was refused.", _USER, _MODEL_REFUSED),
+    EventType("model.revoke", "A protected alias was removed.", "the approver", _MODEL_DECISION),
+    EventType("model.revoke.refused", "A revocation was refused.", _USER, _MODEL_REFUSED),
+    EventType(
+        "model.alias.refused",
+        "Someone tried to move a protected alias through MLflow's own API.",
+        _USER,
+        {"model": "the registered model", "alias": "the alias"},
+    ),
+)
+
+#: every event type, by action name
+CATALOGUE: Final[Mapping[str, EventType]] = {event.name: event for event in _TYPES}
+
+
+def event_types() -> Iterator[EventType]:
+    """Every event type, in the catalogue's order (grouped by section)."""
+    return iter(_TYPES)
+
+
+def check_event_type(action: str, detail: Mapping[str, Any]) -> None:
+    """:class:`AuditError` unless ``action`` is catalogued and ``detail`` fits its fields."""
+    event = CATALOGUE.get(action)
+    if event is None:
+        raise AuditError(
+            f"audit action {action!r} is not in the catalogue (ztlab.common.auditlog.events)",
+            hint="add it there, with its fields, before recording it",
+        )
+    unknown = set(detail) - set(event.fields)
+    missing = set(event.fields) - event.optional - set(detail)
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown field(s) {', '.join(sorted(unknown))}")
+        if missing:
+            parts.append(f"missing field(s) {', '.join(sorted(missing))}")
+        raise AuditError(
+            f"audit action {action!r}: {'; '.join(parts)}",
+            hint=f"its fields are: {', '.join(event.fields) or 'none'}",
+        )
+
+
+class CataloguedSink:
+    """An :class:`~ztlab.common.auditlog.sink.AuditSink` that checks events against the
+    catalogue: a mismatch is logged as an error (``ztlab.audit``), the event recorded."""
+
+    def __init__(self, sink: AuditSink) -> None:
+        self._sink = sink
+
+    def record(self, *, actor: str, action: str, detail: Mapping[str, Any]) -> None:
+        """Check the event against the catalogue, then queue it."""
+        try:
+            check_event_type(action, detail)
+        except AuditError as exc:
+            _log.error("%s (%s)", exc.message, exc.hint)
+        self._sink.record(actor=actor, action=action, detail=detail)
+
+
+_log = logging.getLogger("ztlab.audit")

@@ -1,0 +1,136 @@
+"""``ZtlabHub``: JupyterHub with the zerotrust-lab control plane.
+
+:func:`run_hub` (what ``ztlab hub`` runs) reads ``ztlab.toml`` once, opens the
+:class:`~ztlab.hub.controlplane.ControlPlane`, starts the processes it runs (MLflow), and
+runs the hub in this process. The app adds three things to stock JupyterHub, each at a
+named stage of its start-up:
+
+- **settings** -- :meth:`ZtlabHub.load_config_file`: JupyterHub's configuration is rendered
+  from the plane (:func:`~ztlab.hub.settings.jupyterhub_settings`), which it carries in its
+  tornado settings for the authenticator, spawners and handlers; no ``jupyterhub_config.py``
+  is read;
+- **handlers** -- :meth:`ZtlabHub.init_handlers`: the control plane's API and pages are
+  mounted under ``/hub``, in this process, next to the audit log's single writer;
+- **reconcile** -- :meth:`ZtlabHub.init_spawners`: once JupyterHub has adopted the servers
+  that survived a restart (or cleaned up the ones that died), the plane matches GPU leases
+  and sandboxes with them.
+
+On a clean stop JupyterHub stops the servers and the proxy, then the plane closes (MLflow
+stopped, a final audit checkpoint signed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jupyterhub import orm
+from jupyterhub.app import JupyterHub
+from tornado.ioloop import PeriodicCallback
+from traitlets import Instance, Unicode
+
+from ztlab.common.config import load_config
+from ztlab.hub.controlplane import SETTINGS_KEY, ControlPlane, KnownUser
+from ztlab.hub.private import state_directory
+from ztlab.hub.settings import jupyterhub_settings
+
+#: how often, in seconds, the hub checks that the plane's service processes still run
+SERVICE_CHECK_SECONDS = 10
+
+
+def control_plane_handlers() -> list[tuple[str, Any]]:
+    """Every handler of the control plane, relative to the hub prefix (``/hub/``)."""
+    from ztlab.hub.api import api_handlers
+    from ztlab.hub.pages import page_handlers
+
+    return [*api_handlers(), *page_handlers()]
+
+
+class ZtlabHub(JupyterHub):  # type: ignore[misc]
+    """JupyterHub, configured from ``ztlab.toml`` and carrying the control plane."""
+
+    control_plane = Instance(
+        ControlPlane,
+        allow_none=True,
+        help="""The control plane this hub runs with (built by :func:`run_hub`).""",
+    )
+
+    ztlab_config_source = Unicode(
+        "ztlab.toml",
+        help="""The configuration file the control plane was built from (for messages).""",
+    )
+
+    def load_config_file(self, filename: str, path: Any = None) -> None:
+        """Render JupyterHub's settings from the control plane (no config file is read)."""
+        if self.control_plane is None:
+            raise RuntimeError("ZtlabHub needs a control plane: start it with run_hub()")
+        plane = self.control_plane
+        settings = jupyterhub_settings(plane, source=self.ztlab_config_source)
+        settings.merge(self.cli_config)  # the command line still wins, as in JupyterHub
+        self.update_config(settings)
+        # not through the configuration: traitlets copies configuration values
+        self.tornado_settings = {**self.tornado_settings, SETTINGS_KEY: plane}
+
+    def init_handlers(self) -> None:
+        """JupyterHub's handlers, with the control plane's API and pages in front."""
+        super().init_handlers()
+        ours = self.add_url_prefix(self.hub_prefix, control_plane_handlers())
+        self.handlers[:0] = ours
+
+    async def init_spawners(self) -> Any:
+        """Adopt (or clean up) the servers that outlived the last hub, then reconcile."""
+        adopted = await super().init_spawners()
+        plane = self.control_plane
+        assert plane is not None
+        users = []
+        for orm_user in self.db.query(orm.User):
+            user = self.users[orm_user]
+            running = frozenset(name for name, spawner in user.spawners.items() if spawner.active)
+            account = getattr(user.spawner, "account", None)
+            if isinstance(account, str):
+                users.append(KnownUser(name=user.name, account=account, running=running))
+        result = plane.reconcile(users)
+        self.log.info(
+            "control plane reconciled: %d servers running, leases released %s, "
+            "sandboxes stopped %s",
+            len(result.running),
+            list(result.leases_released) or "none",
+            list(result.sandboxes_stopped) or "none",
+        )
+        return adopted
+
+    async def start(self) -> None:
+        """Start JupyterHub, and watch the plane's service processes."""
+        await super().start()
+        plane = self.control_plane
+        assert plane is not None
+        watch = PeriodicCallback(plane.watch_services, SERVICE_CHECK_SECONDS * 1000)
+        self._periodic_callbacks["ztlab-services"] = watch
+        watch.start()
+
+    async def cleanup(self) -> None:
+        """JupyterHub's clean-up (servers, proxy), then close the control plane."""
+        try:
+            await super().cleanup()
+        finally:
+            if self.control_plane is not None:
+                self.control_plane.close()
+
+
+def run_hub(config_path: Path, argv: Sequence[str] = ()) -> None:
+    """Read ``config_path``, open the control plane, start its services, run the hub here.
+
+    Configuration and control-plane errors are raised before JupyterHub starts, as
+    :class:`~ztlab.common.errors.ZtlabError` with the file and key they concern.
+    """
+    config = load_config(config_path)
+    os.chdir(state_directory(config.state_dir / "hub"))
+    plane = ControlPlane.open(config, source=str(config_path))
+    try:
+        plane.start_services()
+        ZtlabHub.instance(control_plane=plane, ztlab_config_source=str(config_path))
+        ZtlabHub.launch_instance(list(argv))
+    finally:
+        plane.close()

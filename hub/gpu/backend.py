@@ -1,0 +1,163 @@
+"""The interface to whoever hands out GPUs, and how the configuration picks one.
+
+The control plane, the spawners and (later) the compute pools ask a :class:`LeaseBackend`
+for GPUs; ``[gpu] lease_backend`` in ztlab.toml names which one, looked up among the
+``ztlab.lease_backends`` entry points (``local``: :class:`~ztlab.hub.gpu.leases.LeaseBroker`,
+SQLite on this machine). A backend for a cluster scheduler registers its own entry point;
+nothing else changes. A subclass that leaves a method out fails when it is defined, not when
+a user first asks for a GPU.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Set
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Self
+
+from ztlab.common.auditlog.sink import AuditSink
+from ztlab.common.config import ZtlabConfig
+from ztlab.common.errors import ConfigError, UsageError, ZtlabError
+
+if TYPE_CHECKING:
+    from ztlab.hub.gpu.inventory import Inventory
+    from ztlab.hub.policy import PolicyEngine
+
+#: the entry-point group lease backends register in
+ENTRY_POINT_GROUP = "ztlab.lease_backends"
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+
+
+class LeaseError(ZtlabError):
+    """A lease request that cannot be granted; ``message`` is for the user."""
+
+
+class LeaseDenied(LeaseError):
+    """The policy (or the pool's roles) does not let this user lease on this pool."""
+
+
+class QuotaExceeded(LeaseError):
+    """The lease would take the user past the GPU quota of their roles."""
+
+
+class PoolExhausted(LeaseError):
+    """The pool has fewer free GPUs than asked for."""
+
+
+class LeaseNotFound(UsageError):
+    """No lease has this id."""
+
+
+class LeaseStoreError(ZtlabError):
+    """The lease database cannot be opened safely or is not a lease database."""
+
+
+# --------------------------------------------------------------------------------------
+# Leases
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lease:
+    """GPUs of one pool held by one user's server until ``expires_at`` (POSIX seconds)."""
+
+    id: str
+    user: str
+    server: str
+    pool: str
+    #: GPU ids as configured, in the pool's order
+    gpus: tuple[str, ...]
+    #: ``N`` of ``/dev/nvidiaN`` for each GPU (a MIG device: its parent's), same order
+    minors: tuple[int, ...]
+    granted_at: float
+    expires_at: float
+    #: when it was released or expired; ``None`` while it is held
+    released_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the lease still holds its GPUs (not yet released)."""
+        return self.released_at is None
+
+    def expired(self, now: float) -> bool:
+        """Whether ``now`` is at or past ``expires_at``."""
+        return now >= self.expires_at
+
+
+class LeaseBackend(ABC):
+    """Who holds which GPUs, until when, within which quota."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        missing = sorted(
+            name
+            for name in LeaseBackend.__abstractmethods__
+            if getattr(getattr(cls, name), "__isabstractmethod__", False)
+        )
+        if missing:
+            raise TypeError(f"{cls.__name__} must implement {', '.join(missing)}")
+
+    @classmethod
+    @abstractmethod
+    def open(
+        cls,
+        *,
+        config: ZtlabConfig,
+        inventory: Inventory,
+        policy: PolicyEngine,
+        audit: AuditSink,
+    ) -> Self:
+        """The backend for a validated configuration (its state opened or created)."""
+
+    @abstractmethod
+    def grant(
+        self,
+        *,
+        user: str,
+        roles: Set[str],
+        server: str,
+        pool: str,
+        count: int,
+        hours: float | None = None,
+    ) -> Lease | None:
+        """Lease ``count`` GPUs of ``pool`` to ``user``'s ``server`` (``None`` for 0), or
+        raise a :class:`~ztlab.hub.gpu.leases.LeaseError` whose message names the limit."""
+
+    @abstractmethod
+    def release(self, lease_id: str, *, reason: str, actor: str | None = None) -> None:
+        """End one lease."""
+
+    @abstractmethod
+    def release_server(self, *, user: str, server: str, reason: str) -> list[Lease]:
+        """End every lease of ``user``'s ``server``; the leases ended."""
+
+    @abstractmethod
+    def expire(self) -> list[Lease]:
+        """End every lease past its expiry; the leases ended."""
+
+    @abstractmethod
+    def active(self, *, user: str | None = None, pool: str | None = None) -> list[Lease]:
+        """The leases still held."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the backend holds open (not the leases)."""
+
+
+def lease_backend(name: str, *, source: str = "ztlab.toml") -> type[LeaseBackend]:
+    """The lease backend registered as ``name``; :class:`ConfigError` naming the key."""
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none installed"
+        raise ConfigError(
+            f"{source}: gpu.lease_backend: no lease backend {name!r}; expected one of: {known}"
+        )
+    backend = found[name].load()
+    if not (isinstance(backend, type) and issubclass(backend, LeaseBackend)):
+        raise ConfigError(f"{source}: gpu.lease_backend: {name!r} is not a LeaseBackend")
+    return backend

@@ -1,0 +1,171 @@
+"""JupyterHub's settings, rendered from ``ztlab.toml`` and the control plane.
+
+:func:`jupyterhub_settings` is the one place the validated configuration becomes
+JupyterHub traitlets; :class:`~ztlab.hub.app.ZtlabHub` calls it after building the
+:class:`~ztlab.hub.controlplane.ControlPlane`. Each part of the hub has its own small
+function below. Nothing here reads the TOML file again, and no trait of ours mirrors a
+ztlab.toml key: the authenticator and spawners read ``[login]``, ``[roles]`` and the rest
+from the control plane.
+
+Files that hold state or secrets (the hub database, cookie secret, auth-state key) live
+under ``<state_dir>/hub`` (mode 0700) and are created with mode 0600 before JupyterHub opens
+them: stock JupyterHub creates its SQLite database world-readable.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from traitlets.config import Config
+
+from ztlab.common.config import ZtlabConfig
+from ztlab.common.errors import ConfigError
+from ztlab.common.installed import npm_command
+from ztlab.hub.controlplane import ControlPlane
+from ztlab.hub.identity import DATA_SCOPE, SERVER_TOKEN_SCOPES, rbac_roles
+from ztlab.hub.private import state_directory, state_file
+from ztlab.kernels.kernelspec import KERNEL_NAME
+from ztlab.kernels.kernelspec import install as install_kernelspec
+
+#: the entry-point names the hub is configured with (see pyproject.toml)
+AUTHENTICATOR = "ztlab-mfa"
+SANDBOX_SPAWNER = "ztlab-sandbox"
+DEDICATED_SPAWNER = "ztlab-dedicated"
+
+
+def jupyterhub_settings(plane: ControlPlane, *, source: str = "ztlab.toml") -> Config:
+    """The JupyterHub configuration of a control plane's validated configuration.
+
+    (The plane itself is not configuration: the hub puts it into its tornado settings.)
+    """
+    c = Config()
+    config = plane.config
+    _hub_and_proxy(c, config)
+    _sessions(c, config)
+    _login(c, config, source)
+    roles = rbac_roles(sorted(config.roles))
+    c.JupyterHub.services, extra_roles = _services(config)
+    c.JupyterHub.load_roles = roles + extra_roles
+    _servers(c, plane)
+    return c
+
+
+def _hub_and_proxy(c: Config, config: ZtlabConfig) -> None:
+    """The hub's addresses, its proxy, its database and secrets, internal TLS."""
+    state = state_directory(config.state_dir / "hub")
+    c.JupyterHub.bind_url = config.hub.bind_url
+    c.JupyterHub.hub_bind_url = config.hub.api_url
+    # internal TLS: the proxy's REST API speaks https to the hub's client certificate
+    c.ConfigurableHTTPProxy.api_url = config.hub.proxy_api_url.replace("http://", "https://", 1)
+    c.ConfigurableHTTPProxy.command = [
+        str(npm_command("configurable-http-proxy", "configurable-http-proxy"))
+    ]
+    c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
+    c.JupyterHub.db_url = f"sqlite:///{state_file(state / 'jupyterhub.sqlite')}"
+    c.JupyterHub.cookie_secret_file = str(state / "jupyterhub_cookie_secret")
+    refs = config.secret_refs()
+    if "secrets.cookie_secret" in refs:
+        c.JupyterHub.cookie_secret = refs["secrets.cookie_secret"].resolve().get_secret_value()
+    crypt_key = state_file(state / "auth-state.key", content=secrets.token_hex(32).encode())
+    c.CryptKeeper.keys = [bytes.fromhex(crypt_key.read_text().strip())]
+    c.JupyterHub.pid_file = str(state / "jupyterhub.pid")
+    # hub, proxy and servers talk over mutual TLS (JupyterHub's internal_ssl); the
+    # certificate authority and keys live under state_dir/hub/internal-ssl (0700)
+    c.JupyterHub.internal_ssl = True
+    c.JupyterHub.internal_certs_location = str(state_directory(state / "internal-ssl"))
+    here = Path(__file__).parent
+    c.JupyterHub.template_paths = [
+        str(here / "login" / "templates"),
+        str(here / "pages" / "templates"),
+    ]
+    c.JupyterHub.default_url = "/hub/home"
+
+
+def _sessions(c: Config, config: ZtlabConfig) -> None:
+    """Short, re-checked sessions and expiring tokens."""
+    login = config.login
+    c.JupyterHub.cookie_max_age_days = login.session_max_age_seconds / 86400
+    c.JupyterHub.token_expires_in_max_seconds = login.token_max_age_seconds
+    c.Authenticator.auth_refresh_age = login.auth_refresh_age_seconds
+    c.Authenticator.refresh_pre_spawn = True
+    c.Authenticator.enable_auth_state = True
+
+
+def _login(c: Config, config: ZtlabConfig, source: str) -> None:
+    """OAuthenticator's own traits (the provider, the client); ours come from the plane."""
+    login = config.login
+    refs = config.secret_refs()
+    c.JupyterHub.authenticator_class = AUTHENTICATOR
+    if "secrets.oidc_client_secret" not in refs:
+        raise ConfigError(
+            f"{source}: secrets.oidc_client_secret: required for login; "
+            'expected { env = "NAME" } or { file = "/path" }'
+        )
+    auth = c.MFAOAuthenticator
+    auth.client_id = login.client_id
+    auth.client_secret = refs["secrets.oidc_client_secret"].resolve().get_secret_value()
+    auth.oauth_callback_url = config.public_url("/hub/oauth_callback")
+    auth.scope = list(login.scopes)
+    auth.username_claim = login.username_claim
+    auth.validate_server_cert = login.validate_provider_certificate
+    c.JupyterHub.custom_scopes = {
+        DATA_SCOPE: {"description": "Use the zerotrust-lab API (each action is a policy decision)"}
+    }
+
+
+def _services(config: ZtlabConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Hub-managed services (the idle culler) and their roles.
+
+    MLflow is not one of them: the control plane runs it (see ``ModelServer``).
+    """
+    if not config.hub.cull_idle_seconds:
+        return [], []
+    # idle servers are stopped (and their GPU leases end) by jupyterhub-idle-culler, through
+    # the proxy on this machine: the hub's own API speaks internal TLS with a private CA
+    # that the culler does not load
+    culler = {
+        "name": "idle-culler",
+        "command": [
+            sys.executable,
+            "-m",
+            "jupyterhub_idle_culler",
+            f"--timeout={config.hub.cull_idle_seconds}",
+            f"--url={config.public_url('/hub/api')}",
+            f"--cull-every={max(30, config.hub.cull_idle_seconds // 10)}",
+        ],
+    }
+    role = {
+        "name": "idle-culler",
+        "description": "Stop idle servers",
+        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+        "services": ["idle-culler"],
+    }
+    return [culler], [role]
+
+
+def _servers(c: Config, plane: ControlPlane) -> None:
+    """User servers: a dedicated unprivileged account each, after a policy decision; with
+    ``[sandbox] enabled`` also namespaces, a cgroup, a network namespace and GPU leases."""
+    config = plane.config
+    if plane.sandbox is not None:
+        segments = plane.sandbox.segments
+        api = urlsplit(config.hub.api_url)
+        c.JupyterHub.hub_bind_url = f"{api.scheme}://{segments.service_ip}:{api.port or 8081}"
+        c.JupyterHub.trusted_alt_names = [f"IP:{segments.service_ip}"]
+        c.JupyterHub.spawner_class = SANDBOX_SPAWNER
+        c.Spawner.poll_interval = 10  # a server past its GPU lease is stopped within ~10 s
+    else:
+        c.JupyterHub.spawner_class = DEDICATED_SPAWNER
+    singleuser = Path(sys.executable).with_name("jupyterhub-singleuser")
+    c.Spawner.cmd = [str(singleuser if singleuser.exists() else "jupyterhub-singleuser")]
+    c.Spawner.default_url = "/lab"
+    # the server's token (inherited by its kernels) may use the control plane's API, no more
+    c.Spawner.server_token_scopes = SERVER_TOKEN_SCOPES
+    # the secure kernel (ztlab extension preloaded) is every server's default kernel
+    install_kernelspec(Path(sys.prefix))
+    c.Spawner.args = [f"--MappingKernelManager.default_kernel_name={KERNEL_NAME}"]
+    c.Spawner.http_timeout = 60
