@@ -51,6 +51,9 @@ def control_plane_handlers() -> list[tuple[str, Any]]:
 class ZtlabHub(JupyterHub):  # type: ignore[misc]
     """JupyterHub, configured from ``ztlab.toml`` and carrying the control plane."""
 
+    #: JupyterHub's trait (declared for the type checker; JupyterHub is untyped)
+    tornado_settings: dict[str, Any]
+
     control_plane = Instance(
         ControlPlane,
         allow_none=True,
@@ -126,6 +129,10 @@ def run_hub(config_path: Path, argv: Sequence[str] = ()) -> None:
     :class:`~ztlab.common.errors.ZtlabError` with the file and key they concern.
     """
     config = load_config(config_path)
+    if config.models.enabled:
+        from ztlab.hub.models.server import ModelServer
+
+        ModelServer(config, config_source=str(config_path)).prepare()  # before any change
     os.chdir(state_directory(config.state_dir / "hub"))
     plane = ControlPlane.open(config, source=str(config_path))
     try:

@@ -295,6 +295,8 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
                 self.record(user.name, "session.expired", reason="idle", idle_seconds=int(idle))
                 return False
         try:
+            # after a hub restart a refresh can come before any login: discover first
+            await self.provider()
             refreshed = await super().refresh_user(user, handler, **kwargs)
         except LoginRefused as exc:
             self.record(user.name, "session.refresh_refused", reason=exc.refusal)

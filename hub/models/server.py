@@ -42,10 +42,18 @@ class ModelServer:
         """The server's log."""
         return self._process.log_file
 
-    def start(self) -> None:
-        """Stop what an earlier hub left, check the port, start the server (not waiting)."""
+    def prepare(self) -> None:
+        """Stop what an earlier hub left; refuse a port another process holds.
+
+        The hub calls this before it changes anything on the machine, so a taken port
+        leaves nothing behind.
+        """
         self._process.stop()
         self._check_port_free()
+
+    def start(self) -> None:
+        """Stop what an earlier hub left, check the port, start the server (not waiting)."""
+        self.prepare()
         models = self._config.models
         store = self._config.models_store
         self._process.start(

@@ -77,6 +77,9 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
         """,
     )
 
+    #: when this spawn's policy decision was made (``time.monotonic``), or ``None``
+    _decided_at: float | None = None
+
     @property
     def plane(self) -> ControlPlane:
         """The hub's control plane (from the hub's tornado settings)."""
@@ -133,7 +136,7 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
     async def decided(self) -> None:
         """The ``decide`` stage, once per spawn: a decision made for this spawn's first
         step (certificates) holds for its last (start) for :data:`DECISION_HOLDS_SECONDS`."""
-        made = getattr(self, "_decided_at", None)
+        made = self._decided_at
         if made is not None and time.monotonic() - made < DECISION_HOLDS_SECONDS:
             return
         async with self.stage("decide"):

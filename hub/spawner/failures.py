@@ -33,7 +33,16 @@ class SpawnFailed(web.HTTPError):
         self.stage: Stage = stage
         self.message = message
         self.hint = hint
-        self.jupyterhub_message = f"{message} {hint}" if hint else message
+        self.jupyterhub_message = _sentence(message) + (f" {_sentence(hint)}" if hint else "")
+
+
+def _sentence(text: str) -> str:
+    """``text`` with a capital first letter and a full stop."""
+    text = text.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
 
 
 class SpawnRefused(SpawnFailed):

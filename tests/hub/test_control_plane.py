@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 from jupyterhub import orm
-from tornado.httputil import HTTPHeaders, HTTPServerRequest
+from jupyterhub.crypto import CryptKeeper
+from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
 
 from tests.hubstack import free_port
 from ztlab.common.auditlog.events import CATALOGUE
@@ -55,6 +56,8 @@ api_url = "http://127.0.0.1:{free_port()}"
 proxy_api_url = "http://127.0.0.1:{free_port()}"
 [login]
 issuer = "http://127.0.0.1:9"
+[models]
+enabled = false
 [sandbox]
 address_pool = "{POOL}"
 firewall_table = "{TABLE}"
@@ -63,11 +66,14 @@ oidc_client_secret = {{ file = "{secret}" }}
 """
     )
     plane = ControlPlane.open(load_config(path), source=str(path))
-    app = ZtlabHub(control_plane=plane, ztlab_config_source=str(path))
+    # JupyterHub's singletons (its app, its CryptKeeper) are set up as `ztlab hub` does
+    app = ZtlabHub.instance(control_plane=plane, ztlab_config_source=str(path))
     try:
         asyncio.run(app.initialize([]))
         yield app
     finally:
+        ZtlabHub.clear_instance()
+        CryptKeeper.clear_instance()
         plane.close()
         NetworkSegments(
             pool=POOL, table=TABLE, state_file=tmp_path / "state" / "sandbox" / "netns.json"
@@ -76,7 +82,9 @@ oidc_client_secret = {{ file = "{secret}" }}
 
 def _handler(app: ZtlabHub, cls: type[Any], uri: str) -> Any:
     request = HTTPServerRequest(
-        method="GET", uri=uri, headers=HTTPHeaders(), connection=_Connection()
+        start_line=RequestStartLine("GET", uri, "HTTP/1.1"),
+        headers=HTTPHeaders(),
+        connection=_Connection(),
     )
     return cls(app.tornado_application, request)
 
@@ -88,7 +96,10 @@ def test_one_control_plane_serves_authenticator_spawners_and_handlers(hub: Ztlab
     assert type(hub.authenticator) is MFAOAuthenticator
     assert hub.spawner_class is SandboxSpawner
     assert hub.authenticator.plane is plane
-    user = hub.users.add(orm.User(name="wendy"))
+    orm_user = orm.User(name="wendy")
+    hub.db.add(orm_user)
+    hub.db.commit()
+    user = hub.users[orm_user]
     assert isinstance(user.spawner, SandboxSpawner)
     assert user.spawner.plane is plane
     # the control plane's handlers are mounted under /hub and reach the same plane

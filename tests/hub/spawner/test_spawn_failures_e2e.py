@@ -4,7 +4,7 @@ Through the real hub (sandboxed servers, a GPU pool of one ``mknod`` device node
 
 - **decide**: ``nora``'s provider group maps to a role no policy lets start a server;
 - **lease**: ``hal`` asks for the pool's only GPU while ``gina`` holds it;
-- **start**: ``ivy``'s role allows 40 MiB, too little for a server to start;
+- **start**: ``ivy`` is a viewer, and viewers get 40 MiB here: too little for a server;
 - **sandbox**: the sandbox address pool holds three network namespaces and ``jude`` would
   be the fourth.
 
@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyotp
 import pytest
 import requests
 
@@ -53,9 +54,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoginStack]:
 [roles.auditor]
 description = "reads reports; no policy lets it start a server"
 
-[roles.tiny]
-description = "too little memory for a server"
-memory = "40M"
+[roles.viewer]
+memory = "40M"  # too little for a server to start
 
 [gpu.pools.solo]
 gpus = ["0"]
@@ -65,7 +65,7 @@ roles = ["trainer"]
         "nora": provider_user("nora", "auditors"),
         "gina": provider_user("gina", "ml-trainers"),
         "hal": provider_user("hal", "ml-trainers"),
-        "ivy": provider_user("ivy", "tiny-users"),
+        "ivy": provider_user("ivy", "viewers"),
         "jude": provider_user("jude", "ml-trainers"),
     }
     with (
@@ -77,7 +77,7 @@ roles = ["trainer"]
             pool="10.216.0.0/28",  # three network namespaces, the last /30 is the hub's
             table="ztlab_test_fail",
             session_max_age=600,
-            extra_groups={"auditors": ["auditor"], "tiny-users": ["tiny"]},
+            extra_groups={"auditors": ["auditor"]},
         ) as running,
     ):
         yield running
@@ -160,6 +160,11 @@ def _browser_spawn(stack: LoginStack, user: str, gpus: int) -> str:
             page.fill("input[name=login]", user)
             page.fill("input[name=password]", f"{user}-password")
             page.locator("button[type=submit], input[type=submit]").first.click()
+            # a new browser since the API's sign-in: the hub asks for its own TOTP (enroll)
+            page.wait_for_selector("#mfa-secret")
+            secret = page.inner_text("#mfa-secret").strip()
+            page.fill("#mfa-code", pyotp.TOTP(secret).now())
+            page.click("#mfa-submit")
             page.wait_for_url("**/hub/home**")
             page.goto(f"{stack.hub_url}/hub/spawn")
             page.wait_for_selector("#spawn_form")
