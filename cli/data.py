@@ -12,24 +12,23 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ztlab.cli._errors import handle_errors
 from ztlab.cli.hub import CONFIG_OPTION
-from ztlab.common.attest import parse_dataset_ref
 from ztlab.common.errors import UsageError
-from ztlab.common.manifest import (
-    ALGORITHMS,
-    DEFAULT_ALGORITHM,
-    ProgressCallback,
-    VerifyResult,
-    fingerprint,
-    load_manifest,
-    verify,
-)
-from ztlab.common.manifest.format import check_algorithm
+
+if TYPE_CHECKING:
+    from ztlab.common.hubapi import HubAPI
+    from ztlab.common.manifest import ProgressCallback, VerifyResult
+
+# The manifest code (and BLAKE3, cryptography) is imported by the commands that run, not to
+# show `--help`: a command line that starts fast is part of hashing fast. These are
+# ztlab.common.manifest's ALGORITHMS and DEFAULT_ALGORITHM (a test keeps them equal).
+ALGORITHMS = ("blake3", "sha256")
+DEFAULT_ALGORITHM = "blake3"
 
 DIR_ARGUMENT = click.argument(
     "directory",
@@ -87,6 +86,9 @@ def fingerprint_command(
     workers: int | None,
 ) -> None:
     """Hash every regular file under DIRECTORY and write a manifest."""
+    from ztlab.common.manifest import fingerprint
+    from ztlab.common.manifest.format import check_algorithm
+
     with _progress_bar(progress, "fingerprint") as callback:
         manifest = fingerprint(
             directory,
@@ -143,10 +145,17 @@ def verify_command(
     workers: int | None,
 ) -> None:
     """Check DIRECTORY against a manifest (plain or signed); exit 1 listing every difference."""
+    from ztlab.common.manifest import load_manifest, verify
+
     if (manifest_path is None) == (signed_path is None):
         raise UsageError("give exactly one of --manifest and --signed")
     if signed_path is not None:
-        from ztlab.common.attest import Envelope, load_public_keys, verify_signed_manifest
+        from ztlab.common.attest import (
+            Envelope,
+            load_public_keys,
+            parse_dataset_ref,
+            verify_signed_manifest,
+        )
 
         if not public_keys:
             raise UsageError("--signed needs --public-key (the key that must have signed it)")
@@ -286,8 +295,9 @@ def hub_options(func: F) -> F:
     return CONFIG_OPTION(func)
 
 
-def hub_client(hub_url: str | None, token_file: Path | None, config_path: Path) -> Any:
-    from ztlab.extensions.datasets.client import HubRegistry
+def hub_client(hub_url: str | None, token_file: Path | None, config_path: Path) -> HubAPI:
+    """The hub's API with the user's token (the configuration is read only without --hub-url)."""
+    from ztlab.common.hubapi import HubAPI
 
     if token_file is not None:
         token = token_file.read_text(encoding="utf-8").strip()
@@ -302,7 +312,7 @@ def hub_client(hub_url: str | None, token_file: Path | None, config_path: Path) 
         from ztlab.common.config import load_config
 
         hub_url = load_config(config_path).public_url("/hub/api")
-    return HubRegistry(hub_url, token)
+    return HubAPI(hub_url, token)
 
 
 def _summary_lines(row: dict[str, Any]) -> list[str]:
@@ -330,8 +340,12 @@ def register_command(
     storage root and that the version is new, fingerprints the files itself, signs the
     manifest and records the registration in the audit log. Versions are immutable.
     """
+    from ztlab.common.attest import parse_dataset_ref
+
     parse_dataset_ref(ref)
-    row = hub_client(hub_url, token_file, config_path).register(ref, path)
+    row = hub_client(hub_url, token_file, config_path).call(
+        "POST", "/ztlab/datasets", {"ref": ref, "path": path}
+    )
     click.echo("registered " + "\n".join(_summary_lines(row)))
 
 
@@ -340,7 +354,7 @@ def register_command(
 @handle_errors
 def list_command(hub_url: str | None, token_file: Path | None, config_path: Path) -> None:
     """List the registered dataset versions the policy lets you read."""
-    rows = hub_client(hub_url, token_file, config_path).list()
+    rows = hub_client(hub_url, token_file, config_path).call("GET", "/ztlab/datasets")["datasets"]
     if not rows:
         click.echo("no dataset versions you may read")
         return
@@ -371,13 +385,23 @@ def show_command(
     config_path: Path,
 ) -> None:
     """Show dataset version REF and check its signature with the hub's public key."""
-    from ztlab.common.attest import Envelope, verify_signed_manifest
+    from ztlab.common.attest import (
+        Envelope,
+        parse_dataset_ref,
+        public_key_from_pem,
+        verify_signed_manifest,
+    )
+    from ztlab.common.keys import key_id
 
     parse_dataset_ref(ref)
     hub = hub_client(hub_url, token_file, config_path)
-    row = hub.show(ref)
+    row = hub.call("GET", f"/ztlab/datasets/{ref}")
     envelope = Envelope.from_dict(row["envelope"], source=f"the hub's answer for {ref}")
-    signed = verify_signed_manifest(envelope, hub.trusted_keys(), expected_ref=ref)
+    keys = [
+        public_key_from_pem(key["pem"], source="the hub's keys")
+        for key in hub.call("GET", "/ztlab/keys").get("keys", [])
+    ]
+    signed = verify_signed_manifest(envelope, {key_id(k): k for k in keys}, expected_ref=ref)
     click.echo("\n".join(_summary_lines(row)))
     click.echo(f"  signature  OK ({len(signed.manifest.entries):,} entries)")
     if out is not None:
@@ -420,7 +444,7 @@ def sign_command(
     plane fingerprints and signs at registration.
     """
     from ztlab.common.attest import sign_manifest
-    from ztlab.common.errors import UsageError
+    from ztlab.common.manifest import load_manifest
     from ztlab.hub.keys import load_private_key
 
     manifest = load_manifest(manifest_path)

@@ -22,6 +22,7 @@ extensions = [
     "sphinx_click",
     "ztlab_configref",  # ztlab-config-reference, ztlab-literalinclude-glob
     "ztlab_clihelp",  # plain --help text made safe for sphinx-click's reStructuredText
+    "ztlab_auditevents",  # ztlab-audit-events: the audit-event catalogue
 ]
 source_suffix = {".md": "markdown"}
 root_doc = "index"

@@ -86,13 +86,13 @@ _TYPES: tuple[EventType, ...] = (
     # -- the control plane itself --
     EventType(
         "control_plane.up",
-        "`ztlab up` validated the configuration and policies and started the environment.",
+        "``ztlab up`` validated the configuration and policies and started the environment.",
         "``ztlab``",
         {
             "config": "the configuration file",
             "policies": "policy ids",
             "roles": "role names",
-            "pid": "process id of `ztlab up`",
+            "pid": "process id of ``ztlab up``",
         },
     ),
     EventType(

@@ -10,9 +10,13 @@ file and, on Linux, that the opened file lies inside the root (``/proc/self/fd``
 file swapped for a link between the walk and the hash is not followed out of the tree.
 With BLAKE3, files of at least ``large_file_threshold`` bytes are hashed one at a time with
 every core, from a memory map (``blake3(max_threads=n).update_mmap``), or in 16 MiB chunks
-if mapping fails; SHA-256 cannot be split within a file, so large files are hashed by a
-thread pool in 1 MiB chunks. Small files are hashed in the calling thread, or by a thread
-pool when ``workers`` is given; see :func:`hash_files` for why that is not the default.
+if mapping fails; files from :data:`MEDIUM_FILE` up to that are hashed from memory maps by
+one thread per core, a batch of files per task (reading them would copy every byte first,
+which costs more than hashing them); SHA-256 cannot be split within a file, so large files
+are hashed by a thread pool in 1 MiB chunks. Small files are hashed in the calling thread,
+or by a thread pool when ``workers`` is given; see :func:`hash_files` for why that is not
+the default. Long-lived processes pass ``mmap=False``: a file truncated while mapped
+raises SIGBUS.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ from ztlab.common.manifest.format import (
 ProgressCallback = Callable[[int, int], None]
 
 LARGE_FILE = 4 * 1024 * 1024
+#: BLAKE3 files from this size (below :data:`LARGE_FILE`) are hashed from memory maps by a
+#: thread per core (when maps are allowed)
+MEDIUM_FILE = 64 * 1024
+#: medium files per task of the thread pool (fewer hand-offs between threads)
+_MEDIUM_BATCH = 32
 _CHUNK = 1024 * 1024
 _BIG_CHUNK = 16 * 1024 * 1024
 
@@ -202,7 +211,7 @@ def hash_file(
         else:
             if not _inside(opened, root):
                 raise ManifestError(f"{ref.path} resolves to outside the directory ({opened})")
-        if algorithm == "blake3" and threads > 1:
+        if algorithm == "blake3" and (threads > 1 or (mmap and info.st_size >= MEDIUM_FILE)):
             hasher = blake3.blake3(max_threads=threads)
             if proc and mmap:
                 try:
@@ -236,13 +245,13 @@ def _read_all(fd: int, hasher: Any, chunk: int, expected: int) -> tuple[int, str
 
 
 def _hash_batch(
-    refs: list[FileRef], root: str, algorithm: Algorithm
+    refs: list[FileRef], root: str, algorithm: Algorithm, mmap: bool = False
 ) -> list[tuple[int, str] | ManifestError]:
     """Hash ``refs`` one after another: ``(size, digest)`` each, or the error."""
     out: list[tuple[int, str] | ManifestError] = []
     for ref in refs:
         try:
-            out.append(hash_file(ref, root, algorithm))
+            out.append(hash_file(ref, root, algorithm, mmap=mmap))
         except ManifestError as exc:
             out.append(exc)
     return out
@@ -277,6 +286,10 @@ def hash_files(
     results: dict[str, tuple[int, str]] = {}
     large = [r for r in refs if r.size >= large_file_threshold]
     small = [r for r in refs if r.size < large_file_threshold]
+    medium: list[FileRef] = []
+    if algorithm == "blake3" and mmap and cores > 1:
+        medium = [r for r in small if r.size >= MEDIUM_FILE]
+        small = [r for r in small if r.size < MEDIUM_FILE]
 
     def report(ref: FileRef, outcome: tuple[int, str] | ManifestError) -> None:
         nonlocal done
@@ -307,6 +320,13 @@ def hash_files(
             )
             for ref, (single,) in zip(large, singles, strict=True):
                 report(ref, single)
+    if medium:
+        chunks = [medium[i : i + _MEDIUM_BATCH] for i in range(0, len(medium), _MEDIUM_BATCH)]
+        with ThreadPoolExecutor(max_workers=cores, thread_name_prefix="ztlab-hash") as pool:
+            hashed = pool.map(_hash_batch, chunks, repeat(root), repeat(algorithm), repeat(True))
+            for chunk, outcomes in zip(chunks, hashed, strict=True):
+                for ref, outcome in zip(chunk, outcomes, strict=True):
+                    report(ref, outcome)
     if not workers or workers == 1:
         for ref in small:
             (alone,) = _hash_batch([ref], root, algorithm)

@@ -45,7 +45,6 @@ the entries; any violation raises :class:`ManifestError` (bad input, exit status
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -149,6 +148,8 @@ def new_hasher(algorithm: Algorithm, *, threads: int = 1) -> Any:
     """A fresh hash object (``update``/``hexdigest``) for ``algorithm``."""
     if algorithm == "blake3":
         return blake3.blake3(max_threads=threads)
+    import hashlib  # here: OpenSSL costs a few ms to load, and BLAKE3 is the default
+
     return hashlib.sha256()
 
 

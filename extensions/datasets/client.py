@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import os
 import ssl
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ztlab.common.attest import Envelope, PublicKey, key_id, public_key_from_pem
+from ztlab.common.hubapi import HubAPI, HubAPIError, HubUnreachable
 from ztlab.extensions.datasets.errors import DatasetError, RegistryUnavailable
 
 _PEM_END = "-----END PUBLIC KEY-----"
@@ -126,51 +125,26 @@ class HubRegistry:
 
     def __init__(self, api_url: str, token: str, *, context: ssl.SSLContext | None = None) -> None:
         """``api_url`` ends in ``/hub/api``."""
-        self.api_url = api_url.rstrip("/")
-        self._token = token
-        self._context = context
+        self._api = HubAPI(api_url, token, context=context)
+        self.api_url = self._api.api_url
 
     @classmethod
     def from_environment(cls) -> HubRegistry:
         """From ``JUPYTERHUB_API_URL``, ``JUPYTERHUB_API_TOKEN`` and ``JUPYTERHUB_SSL_*``."""
-        url = os.environ["JUPYTERHUB_API_URL"]
-        token = os.environ["JUPYTERHUB_API_TOKEN"]
-        context = None
-        ca = os.environ.get("JUPYTERHUB_SSL_CLIENT_CA")
-        if url.startswith("https:") and ca:
-            context = ssl.create_default_context(cafile=ca)
-            cert, key = (
-                os.environ.get("JUPYTERHUB_SSL_CERTFILE"),
-                os.environ.get("JUPYTERHUB_SSL_KEYFILE"),
-            )
-            if cert and key:
-                context.load_cert_chain(cert, key)
-        return cls(url, token, context=context)
+        registry = cls.__new__(cls)
+        registry._api = HubAPI.from_environment()
+        registry.api_url = registry._api.api_url
+        return registry
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """``method`` ``API_URL + path`` with the hub token; the JSON answer."""
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(  # noqa: S310 - the hub's own API URL
-            f"{self.api_url}{path}",
-            data=data,
-            method=method,
-            headers={"Authorization": f"token {self._token}", "Content-Type": "application/json"},
-        )
         try:
-            with urllib.request.urlopen(request, timeout=30, context=self._context) as response:  # noqa: S310
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            try:
-                answer = json.loads(exc.read())
-                message, hint = answer.get("message"), answer.get("hint")
-            except (ValueError, AttributeError):
-                message, hint = exc.reason, None
-            if exc.code in (400, 403, 404, 409):
-                raise DatasetError(str(message), hint=hint) from exc
-            raise RegistryUnavailable(f"the hub answered {exc.code}: {message}") from exc
-        except (urllib.error.URLError, OSError) as exc:
+            return self._api.call(method, path, body)
+        except HubAPIError as exc:
+            raise DatasetError(exc.message, hint=exc.hint) from exc
+        except HubUnreachable as exc:
             raise RegistryUnavailable(
-                f"cannot reach the hub's dataset API at {self.api_url}: {exc}"
+                exc.message.replace("hub's API", "hub's dataset API")
             ) from exc
 
     def fetch(self, ref: str) -> Candidate:

@@ -16,6 +16,7 @@ The services come from the hub's :class:`~ztlab.hub.controlplane.ControlPlane`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import pwd
@@ -80,6 +81,21 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
     #: when this spawn's policy decision was made (``time.monotonic``), or ``None``
     _decided_at: float | None = None
 
+    _stage_seconds: dict[str, float] | None = None
+
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        """How long each stage of the current spawn took (logged when it has started)."""
+        if self._stage_seconds is None:
+            self._stage_seconds = {}
+        return self._stage_seconds
+
+    def log_stages(self) -> None:
+        """One line: how long each stage of this spawn took (then start counting afresh)."""
+        times = ", ".join(f"{stage} {took:.3f} s" for stage, took in self.stage_seconds.items())
+        self.log.info("spawned %s's server: %s", self.user.name, times)
+        self.stage_seconds.clear()
+
     @property
     def plane(self) -> ControlPlane:
         """The hub's control plane (from the hub's tornado settings)."""
@@ -131,7 +147,36 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
         async with self.stage("account"):
             await self.ensure_account()
         async with self.stage("start"):
-            return await maybe_future(super().start())
+            ip, port = await maybe_future(super().start())
+            await self.until_listening((ip, port), log=None)
+        self.log_stages()
+        return ip, port
+
+    async def until_listening(self, address: tuple[str, int], *, log: Path | None) -> None:
+        """Return once the server accepts connections at ``address``; a
+        :class:`SpawnFailed` saying why if its process ends first (quoting the end of
+        ``log``) or :attr:`start_timeout` passes. JupyterHub's own check then succeeds at
+        once instead of backing off."""
+        deadline = time.monotonic() + self.start_timeout
+        where = f"An administrator can read {log} on the hub." if log else None
+        while True:
+            status = self.proc.poll()
+            if status is not None:
+                raise SpawnFailed(
+                    "start",
+                    f"Your server exited while starting (exit status {status})"
+                    + (_last_lines(log) if log else "."),
+                    hint="Try again; if it keeps failing, tell an administrator. " + (where or ""),
+                )
+            if await _accepts(address):
+                return
+            if time.monotonic() > deadline:
+                raise SpawnFailed(
+                    "start",
+                    f"Your server did not start listening within {self.start_timeout} s.",
+                    hint=where,
+                )
+            await asyncio.sleep(0.05)
 
     async def decided(self) -> None:
         """The ``decide`` stage, once per spawn: a decision made for this spawn's first
@@ -230,14 +275,18 @@ class _StageGuard:
     def __init__(self, spawner: DedicatedUserSpawner, stage: Stage) -> None:
         self._spawner = spawner
         self._stage = stage
+        self._started = 0.0
 
     async def __aenter__(self) -> None:
-        return None
+        self._started = time.monotonic()
 
     async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
+        spawner = self._spawner
+        spawner.stage_seconds[self._stage] = (
+            spawner.stage_seconds.get(self._stage, 0.0) + time.monotonic() - self._started
+        )
         if error is None or not isinstance(error, Exception):
             return False
-        spawner = self._spawner
         if isinstance(error, SpawnFailed):
             failure = error
         else:
@@ -264,6 +313,31 @@ class _StageGuard:
         if failure is error:
             return False
         raise failure from error
+
+
+#: how many lines of a server's log a start-up failure quotes
+_LOG_LINES = 3
+
+
+async def _accepts(address: tuple[str, int]) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*address), timeout=0.5)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def _last_lines(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "."
+    if not lines:
+        return "."
+    return ": " + " / ".join(line.strip()[:200] for line in lines[-_LOG_LINES:])
 
 
 _STAGE_WORDS: dict[str, str] = {

@@ -44,9 +44,6 @@ from traitlets import Float, Integer, default
 from ztlab.hub.policy import Principal
 from ztlab.hub.spawner.dedicated import DedicatedUserSpawner, SpawnFailed, mlflow_env
 
-#: how many lines of a server's log a start-up failure quotes
-_LOG_LINES = 3
-
 
 class SandboxSpawner(DedicatedUserSpawner):
     """Spawn each server in namespaces and cgroups, with leased GPUs fenced by the kernel.
@@ -178,6 +175,7 @@ class SandboxSpawner(DedicatedUserSpawner):
             gpus=list(lease.gpus) if lease is not None else [],
         )
         await self.plane.flush()  # the server is acknowledged once its record is on disk
+        self.log_stages()
         return address
 
     def lifetime_hours(self, roles: frozenset[str]) -> float:
@@ -302,34 +300,19 @@ class SandboxSpawner(DedicatedUserSpawner):
         """Start the server in its sandbox; return once it listens (or say why it ended)."""
         self.proc = await asyncio.to_thread(_spawn, launch)
         self.pid = self.proc.pid
-        deadline = time.monotonic() + self.start_timeout
         address = (launch.netns.sandbox_ip, self.server_port)
-        while True:
-            status = self.proc.poll()
-            if status is not None:
-                if await asyncio.to_thread(launch.cgroup.oom_kills) > launch.oom_kills:
-                    raise SpawnFailed(
-                        "start",
-                        "Your server was stopped by its memory limit "
-                        f"({launch.memory // 2**20} MiB) while starting.",
-                        hint="Ask an administrator for a role with more memory.",
-                    )
+        try:
+            await self.until_listening(address, log=launch.log)
+        except SpawnFailed:
+            if await asyncio.to_thread(launch.cgroup.oom_kills) > launch.oom_kills:
                 raise SpawnFailed(
                     "start",
-                    f"Your server exited while starting (exit status {status})"
-                    + _last_lines(launch.log),
-                    hint="Try again; if it keeps failing, an administrator can read "
-                    f"{launch.log} on the hub.",
-                )
-            if await _listening(address):
-                return address
-            if time.monotonic() > deadline:
-                raise SpawnFailed(
-                    "start",
-                    f"Your server did not start listening within {self.start_timeout} s.",
-                    hint=f"An administrator can read {launch.log} on the hub.",
-                )
-            await asyncio.sleep(0.05)
+                    "Your server was stopped by its memory limit "
+                    f"({launch.memory // 2**20} MiB) while starting.",
+                    hint="Ask an administrator for a role with more memory.",
+                ) from None
+            raise
+        return address
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -451,27 +434,6 @@ def _spawn(launch: _Launch) -> subprocess.Popen[bytes]:
     finally:
         os.close(read_end)
         os.close(log_fd)
-
-
-async def _listening(address: tuple[str, int]) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(*address), timeout=0.5)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
-def _last_lines(log: Path) -> str:
-    try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "."
-    if not lines:
-        return "."
-    return ": " + " / ".join(line.strip()[:200] for line in lines[-_LOG_LINES:])
 
 
 def _tools(bwrap: str) -> dict[str, str]:

@@ -83,7 +83,7 @@ oidc_client_secret = {{ file = "{secret}" }}
 def _handler(app: ZtlabHub, cls: type[Any], uri: str) -> Any:
     request = HTTPServerRequest(
         start_line=RequestStartLine("GET", uri, "HTTP/1.1"),
-        headers=HTTPHeaders(),
+        headers=HTTPHeaders({"Host": "127.0.0.1"}),
         connection=_Connection(),
     )
     return cls(app.tornado_application, request)

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub.spawner.test_isolation_e2e import _spawn, _token, _user, _wait_ready
-from tests.hubstack import LoginStack, running_stack
+from tests.hubstack import (
+    LoginStack,
+    hub_token,
+    provider_user,
+    remove_accounts,
+    running_stack,
+    spawn_server,
+    wait_ready,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -20,20 +27,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoginStack]:
     with running_stack(
         tmp_path_factory.mktemp("dedicated-stack"),
         extra_config="enabled = false\n",
-        extra_users={"olga": _user("olga")},
+        extra_users={"olga": provider_user("olga", "ml-trainers")},
         pool="10.220.0.0/16",
         table="ztlab_test_dedicated",
     ) as running:
         yield running
-    subprocess.run(["pkill", "-KILL", "-u", "ztl-olga"], check=False)
-    subprocess.run(["userdel", "--remove", "ztl-olga"], check=False, capture_output=True)
+    remove_accounts("olga")
 
 
 def test_the_dedicated_spawner_runs_the_server_as_its_account(stack: LoginStack) -> None:
-    token = _token(stack, "olga")
-    response = _spawn(stack, "olga", token, {})
+    token = hub_token(stack, "olga")
+    response = spawn_server(stack, "olga", token, {})
     assert response.status_code in (201, 202), response.text
-    _wait_ready(stack, "olga", token)
+    wait_ready(stack, "olga", token)
     entry = pwd.getpwnam("ztl-olga")
     assert entry.pw_uid != 0
     certs = Path(entry.pw_dir) / ".jupyterhub" / "jupyterhub-certs"
