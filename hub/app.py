@@ -29,9 +29,11 @@ from typing import Any
 from jupyterhub import orm
 from jupyterhub.app import JupyterHub
 from tornado.ioloop import PeriodicCallback
-from traitlets import Instance, Unicode
+from traitlets import Instance
+from traitlets.config import Config
 
 from ztlab.common.config import load_config
+from ztlab.common.installed import npm_command
 from ztlab.hub.controlplane import SETTINGS_KEY, ControlPlane, KnownUser
 from ztlab.hub.private import state_directory
 from ztlab.hub.settings import jupyterhub_settings
@@ -60,17 +62,18 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         help="""The control plane this hub runs with (built by :func:`run_hub`).""",
     )
 
-    ztlab_config_source = Unicode(
-        "ztlab.toml",
-        help="""The configuration file the control plane was built from (for messages).""",
+    ztlab_settings = Instance(
+        Config,
+        allow_none=True,
+        help="""JupyterHub's settings rendered from the plane (by :func:`run_hub`).""",
     )
 
     def load_config_file(self, filename: str, path: Any = None) -> None:
-        """Render JupyterHub's settings from the control plane (no config file is read)."""
-        if self.control_plane is None:
+        """Take the settings rendered from the control plane (no config file is read)."""
+        if self.control_plane is None or self.ztlab_settings is None:
             raise RuntimeError("ZtlabHub needs a control plane: start it with run_hub()")
         plane = self.control_plane
-        settings = jupyterhub_settings(plane, source=self.ztlab_config_source)
+        settings = Config(self.ztlab_settings)
         settings.merge(self.cli_config)  # the command line still wins, as in JupyterHub
         self.update_config(settings)
         # not through the configuration: traitlets copies configuration values
@@ -128,16 +131,19 @@ def run_hub(config_path: Path, argv: Sequence[str] = ()) -> None:
     Configuration and control-plane errors are raised before JupyterHub starts, as
     :class:`~ztlab.common.errors.ZtlabError` with the file and key they concern.
     """
+    source = str(config_path)
     config = load_config(config_path)
+    npm_command("configurable-http-proxy", "configurable-http-proxy")  # missing: say how
     if config.models.enabled:
         from ztlab.hub.models.server import ModelServer
 
-        ModelServer(config, config_source=str(config_path)).prepare()  # before any change
+        ModelServer(config, config_source=source).prepare()  # before anything changes
     os.chdir(state_directory(config.state_dir / "hub"))
-    plane = ControlPlane.open(config, source=str(config_path))
+    plane = ControlPlane.open(config, source=source)
     try:
+        settings = jupyterhub_settings(plane, source=source)
         plane.start_services()
-        ZtlabHub.instance(control_plane=plane, ztlab_config_source=str(config_path))
+        ZtlabHub.instance(control_plane=plane, ztlab_settings=settings)
         ZtlabHub.launch_instance(list(argv))
     finally:
         plane.close()

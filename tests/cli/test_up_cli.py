@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,55 @@ def test_the_hub_refuses_to_start_when_the_mlflow_port_is_taken(tmp_path: Path) 
     assert result.exit_code == 2, result.output
     assert f"models.mlflow_port: port {port} on 127.0.0.1 is in use" in result.stderr
     assert "ss -ltnp" in result.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_down_and_up_with_a_server_running(tmp_path: Path) -> None:
+    """`ztlab down` with a user's sandboxed server running stops it cleanly (its sandbox
+    ended, recorded); `ztlab up` again starts with nothing left over to reconcile."""
+    from ztlab.hub.sandbox.cgroups import CgroupManager
+
+    config, hub = _config(tmp_path, "[models]\nenabled = false\n")
+    log = tmp_path / "state" / "audit" / "audit.jsonl"
+    try:
+        up = _ztlab("up", "--config", str(config))
+        assert up.returncode == 0, up.stdout + up.stderr
+        session = requests.Session()
+        home = idp_login(
+            session,
+            f"{hub}/hub/oauth_login",
+            username="alice",
+            password="alice-password",
+            follow_redirects=True,
+        )
+        assert home.url.endswith("/hub/home")
+        xsrf = {"X-XSRFToken": session.cookies.get("_xsrf") or ""}
+        started = session.post(f"{hub}/hub/api/users/alice/server", headers=xsrf, timeout=120)
+        assert started.status_code in (201, 202), started.text
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            model = session.get(f"{hub}/hub/api/users/alice", timeout=30).json()
+            if (model.get("servers") or {}).get("", {}).get("ready"):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"alice's server did not start: {model}")
+        alice = CgroupManager.detect(parent="ztlab").get("ztl-alice")
+        assert alice is not None
+        assert alice.procs()
+        down = _ztlab("down", "--config", str(config))
+        assert down.returncode == 0, down.stderr
+        assert alice.procs() == []  # the server and everything in its sandbox ended
+        actions = [parse_record(line) for line in log.read_bytes().splitlines()]
+        assert any(r.action == "server.stopped" and r.actor == "alice" for r in actions)
+        assert actions[-1].action == "control_plane.stopped"
+        again = _ztlab("up", "--config", str(config))
+        assert again.returncode == 0, again.stdout + again.stderr
+        records = [parse_record(line) for line in log.read_bytes().splitlines()]
+        reconciled = [r for r in records if r.action == "control_plane.reconciled"][-1]
+        assert reconciled.detail == {"running": [], "leases_released": [], "sandboxes_stopped": []}
+    finally:
+        _ztlab("down", "--config", str(config))
+        subprocess.run(["userdel", "--remove", "ztl-alice"], check=False, capture_output=True)
+    verify(log)

@@ -26,6 +26,7 @@ from ztlab.hub.controlplane import ControlPlane, ControlPlaneMissing, control_pl
 from ztlab.hub.login.authenticator import MFAOAuthenticator
 from ztlab.hub.pages.approvals import ModelsPage
 from ztlab.hub.sandbox.netns import NetworkSegments
+from ztlab.hub.settings import jupyterhub_settings
 from ztlab.hub.spawner.sandbox import SandboxSpawner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +68,8 @@ oidc_client_secret = {{ file = "{secret}" }}
     )
     plane = ControlPlane.open(load_config(path), source=str(path))
     # JupyterHub's singletons (its app, its CryptKeeper) are set up as `ztlab hub` does
-    app = ZtlabHub.instance(control_plane=plane, ztlab_config_source=str(path))
+    settings = jupyterhub_settings(plane, source=str(path))
+    app = ZtlabHub.instance(control_plane=plane, ztlab_settings=settings)
     try:
         asyncio.run(app.initialize([]))
         yield app
