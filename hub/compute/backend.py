@@ -14,9 +14,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 
-from ztlab.common.errors import ConfigError
+from ztlab.hub.backends import check_complete, load_backend
 
 #: the entry-point group compute backends register in
 ENTRY_POINT_GROUP = "ztlab.compute_backends"
@@ -53,13 +52,7 @@ class ComputeBackend(ABC):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        missing = sorted(
-            name
-            for name in ComputeBackend.__abstractmethods__
-            if getattr(getattr(cls, name), "__isabstractmethod__", False)
-        )
-        if missing:
-            raise TypeError(f"{cls.__name__} must implement {', '.join(missing)}")
+        check_complete(cls, ComputeBackend)
 
     @abstractmethod
     def start(self, request: ClusterRequest) -> Cluster:
@@ -79,14 +72,12 @@ class ComputeBackend(ABC):
 
 
 def compute_backend(name: str, *, source: str = "ztlab.toml") -> type[ComputeBackend]:
-    """The compute backend registered as ``name``; :class:`ConfigError` naming the key."""
-    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    if name not in found:
-        known = ", ".join(sorted(found)) or "none installed yet"
-        raise ConfigError(
-            f"{source}: compute.backend: no compute backend {name!r}; expected one of: {known}"
-        )
-    backend = found[name].load()
-    if not (isinstance(backend, type) and issubclass(backend, ComputeBackend)):
-        raise ConfigError(f"{source}: compute.backend: {name!r} is not a ComputeBackend")
-    return backend
+    """The ComputeBackend registered as ``name``; :class:`ConfigError` naming the key."""
+    return load_backend(
+        ENTRY_POINT_GROUP,
+        name,
+        ComputeBackend,
+        key="compute.backend",
+        source=source,
+        what="compute backend",
+    )

@@ -13,12 +13,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Set
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Self
 
 from ztlab.common.auditlog.sink import AuditSink
 from ztlab.common.config import ZtlabConfig
-from ztlab.common.errors import ConfigError, UsageError, ZtlabError
+from ztlab.common.errors import UsageError, ZtlabError
+from ztlab.hub.backends import check_complete, load_backend
 
 if TYPE_CHECKING:
     from ztlab.hub.gpu.inventory import Inventory
@@ -94,13 +94,7 @@ class LeaseBackend(ABC):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        missing = sorted(
-            name
-            for name in LeaseBackend.__abstractmethods__
-            if getattr(getattr(cls, name), "__isabstractmethod__", False)
-        )
-        if missing:
-            raise TypeError(f"{cls.__name__} must implement {', '.join(missing)}")
+        check_complete(cls, LeaseBackend)
 
     @classmethod
     @abstractmethod
@@ -150,14 +144,12 @@ class LeaseBackend(ABC):
 
 
 def lease_backend(name: str, *, source: str = "ztlab.toml") -> type[LeaseBackend]:
-    """The lease backend registered as ``name``; :class:`ConfigError` naming the key."""
-    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    if name not in found:
-        known = ", ".join(sorted(found)) or "none installed"
-        raise ConfigError(
-            f"{source}: gpu.lease_backend: no lease backend {name!r}; expected one of: {known}"
-        )
-    backend = found[name].load()
-    if not (isinstance(backend, type) and issubclass(backend, LeaseBackend)):
-        raise ConfigError(f"{source}: gpu.lease_backend: {name!r} is not a LeaseBackend")
-    return backend
+    """The LeaseBackend registered as ``name``; :class:`ConfigError` naming the key."""
+    return load_backend(
+        ENTRY_POINT_GROUP,
+        name,
+        LeaseBackend,
+        key="gpu.lease_backend",
+        source=source,
+        what="lease backend",
+    )

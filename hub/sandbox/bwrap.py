@@ -59,7 +59,8 @@ __all__ = [
 ]
 
 #: System paths bound read-only by default; those missing on the host are skipped and
-#: symlinks (merged ``/usr``) are recreated as symlinks.
+#: symlinks (merged ``/usr``) are recreated as symlinks. Not ``/opt``: other software and
+#: its files live there; the spawner adds the one venv the server runs from.
 DEFAULT_READONLY_PATHS: tuple[Path, ...] = tuple(
     Path(p)
     for p in (
@@ -71,7 +72,6 @@ DEFAULT_READONLY_PATHS: tuple[Path, ...] = tuple(
         "/lib64",
         "/libx32",
         "/etc",
-        "/opt",
         "/sys",
     )
 )

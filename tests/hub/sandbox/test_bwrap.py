@@ -201,11 +201,22 @@ def test_another_users_home_is_not_visible(lab: Lab) -> None:
     ok(sh(lab.spec(), "test ! -e /var/lib && test ! -e /home"))
 
 
-@pytest.mark.parametrize("target", ["/x", "/usr/x", "/etc/x", "/opt/x"])
+@pytest.mark.parametrize("target", ["/x", "/usr/x", "/etc/x", "OPT/x"])
 def test_the_system_is_read_only(lab: Lab, target: str) -> None:
-    done = sh(lab.spec(), f"touch {target}")
+    done = sh(lab.spec(), f"touch {target.replace('OPT', str(lab.fake_opt))}")
     assert done.returncode != 0
     assert "Read-only file system" in done.stderr
+
+
+def test_opt_is_not_bound_by_default(lab: Lab) -> None:
+    """Other software under /opt is not the sandbox's: only paths the spawner adds (the venv
+    the server runs from) are there."""
+    if not Path("/opt").is_dir():
+        pytest.skip("needs a host /opt")
+    assert Path("/opt") not in DEFAULT_READONLY_PATHS
+    done = sh(lab.spec(readonly_paths=DEFAULT_READONLY_PATHS), "ls -A /opt")
+    assert done.returncode != 0
+    assert "No such file or directory" in done.stderr
 
 
 def test_datasets_are_readable_but_not_writable(lab: Lab) -> None:
