@@ -413,3 +413,36 @@ def remove_accounts(*users: str) -> None:
     for user in users:
         subprocess.run(["pkill", "-KILL", "-u", f"ztl-{user}"], check=False)
         subprocess.run(["userdel", "--remove", f"ztl-{user}"], check=False, capture_output=True)
+
+
+#: Debian's chromium, driven by Playwright (make test installs it)
+CHROMIUM = "/usr/bin/chromium"
+
+
+@contextlib.contextmanager
+def browser_page(stack: LoginStack, user: str) -> Iterator[Any]:
+    """A chromium page at the provider's login form for ``user``, filled in (not sent)."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "make test installs Debian's chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"{stack.hub_url}/hub/login")
+            page.get_by_role("button", name="Sign in").or_(
+                page.get_by_role("link", name="Sign in")
+            ).first.click()
+            # the identity provider's own login page
+            page.wait_for_selector("input[name=login]")
+            page.fill("input[name=login]", user)
+            page.fill("input[name=password]", f"{user}-password")
+            yield page
+        finally:
+            browser.close()

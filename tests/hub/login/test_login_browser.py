@@ -15,12 +15,11 @@ from pathlib import Path
 import pyotp
 import pytest
 
-from tests.hubstack import LoginStack, running_stack
+from tests.hubstack import LoginStack, browser_page, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
 USER = "grace"
 
 
@@ -65,57 +64,29 @@ def test_browser_login_with_totp_reaches_the_users_server(
     browser_stack: LoginStack, grace: str
 ) -> None:
     login_stack = browser_stack
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), "make test installs Debian's chromium"
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(f"{login_stack.hub_url}/hub/login")
-            page.get_by_role("button", name="Sign in").or_(
-                page.get_by_role("link", name="Sign in")
-            ).first.click()
-            # the identity provider's own login page
-            page.wait_for_selector("input[name=login]")
-            page.fill("input[name=login]", grace)
-            page.fill("input[name=password]", f"{grace}-password")
-            page.screenshot(path=str(ARTIFACTS / "browser-1-idp-login.png"))
-            page.locator("button[type=submit], input[type=submit]").first.click()
-            # the hub's TOTP enrollment page: QR code shown once
-            page.wait_for_selector("#mfa-secret")
-            page.screenshot(path=str(ARTIFACTS / "browser-2-totp-enroll.png"), full_page=True)
-            secret = page.inner_text("#mfa-secret").strip()
-            page.fill("#mfa-code", pyotp.TOTP(secret).now())
-            page.click("#mfa-submit")
-            page.wait_for_url("**/hub/home**")
-            # start the user's own server and open JupyterLab in it
-            page.goto(f"{login_stack.hub_url}/hub/spawn")
-            # the spawn form asks how many GPUs (none here) and from which pool
-            page.wait_for_selector("#spawn_form")
-            page.fill("#gpus", "0")
-            page.screenshot(path=str(ARTIFACTS / "browser-3-spawn-form.png"))
-            page.locator("#spawn_form [type=submit]").click()
-            page.wait_for_url(f"**/user/{grace}/lab**", timeout=120_000)
-            page.wait_for_selector(".jp-LabShell, #jp-main-dock-panel", timeout=120_000)
-            page.wait_for_selector(".jp-Launcher", timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "browser-4-jupyterlab.png"))
-            assert f"/user/{grace}/lab" in page.url
-        finally:
-            browser.close()
+    with browser_page(login_stack, grace) as page:
+        page.screenshot(path=str(ARTIFACTS / "browser-1-idp-login.png"))
+        page.locator("button[type=submit], input[type=submit]").first.click()
+        # the hub's TOTP enrollment page: QR code shown once
+        page.wait_for_selector("#mfa-secret")
+        page.screenshot(path=str(ARTIFACTS / "browser-2-totp-enroll.png"), full_page=True)
+        secret = page.inner_text("#mfa-secret").strip()
+        page.fill("#mfa-code", pyotp.TOTP(secret).now())
+        page.click("#mfa-submit")
+        page.wait_for_url("**/hub/home**")
+        # start the user's own server and open JupyterLab in it
+        page.goto(f"{login_stack.hub_url}/hub/spawn")
+        # the spawn form asks how many GPUs (none here) and from which pool
+        page.wait_for_selector("#spawn_form")
+        page.fill("#gpus", "0")
+        page.screenshot(path=str(ARTIFACTS / "browser-3-spawn-form.png"))
+        page.locator("#spawn_form [type=submit]").click()
+        page.wait_for_url(f"**/user/{grace}/lab**", timeout=120_000)
+        page.wait_for_selector(".jp-LabShell, #jp-main-dock-panel", timeout=120_000)
+        page.wait_for_selector(".jp-Launcher", timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "browser-4-jupyterlab.png"))
+        assert f"/user/{grace}/lab" in page.url
     # the server runs as the dedicated, unprivileged account
     entry = pwd.getpwnam(f"ztl-{grace}")
     assert entry.pw_uid != 0

@@ -24,6 +24,7 @@ import requests
 
 from tests.hubstack import (
     LoginStack,
+    browser_page,
     hub_token,
     nvidia_nodes,
     provider_user,
@@ -37,7 +38,6 @@ from ztlab.hub.sandbox.cgroups import CgroupManager
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
 USERS = ("nora", "gina", "hal", "ivy", "jude")
 
 EXPECTED = {
@@ -139,45 +139,27 @@ def test_the_lease_refusal_names_the_pool_and_its_holder_count(
 
 def _browser_spawn(stack: LoginStack, user: str, gpus: int) -> str:
     """Sign in as ``user`` in chromium, submit the spawn form; the page's text after."""
-    from playwright.sync_api import sync_playwright
-
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(f"{stack.hub_url}/hub/login")
-            page.get_by_role("button", name="Sign in").or_(
-                page.get_by_role("link", name="Sign in")
-            ).first.click()
-            page.wait_for_selector("input[name=login]")
-            page.fill("input[name=login]", user)
-            page.fill("input[name=password]", f"{user}-password")
-            page.locator("button[type=submit], input[type=submit]").first.click()
-            # a new browser since the API's sign-in: the hub asks for its own TOTP (enroll)
-            page.wait_for_selector("#mfa-secret")
-            secret = page.inner_text("#mfa-secret").strip()
-            page.fill("#mfa-code", pyotp.TOTP(secret).now())
-            page.click("#mfa-submit")
-            page.wait_for_url("**/hub/home**")
-            page.goto(f"{stack.hub_url}/hub/spawn")
-            page.wait_for_selector("#spawn_form")
-            page.fill("#gpus", str(gpus))
-            page.locator("#spawn_form [type=submit]").click()
-            words = EXPECTED[user][2]
-            page.wait_for_function(
-                "words => document.body.innerText.includes(words)", arg=words, timeout=90_000
-            )
-            page.screenshot(path=str(ARTIFACTS / f"spawn-failed-{EXPECTED[user][0]}.png"))
-            return str(page.inner_text("body"))
-        finally:
-            browser.close()
+    with browser_page(stack, user) as page:
+        page.locator("button[type=submit], input[type=submit]").first.click()
+        # a new browser since the API's sign-in: the hub asks for its own TOTP (enroll)
+        page.wait_for_selector("#mfa-secret")
+        secret = page.inner_text("#mfa-secret").strip()
+        page.fill("#mfa-code", pyotp.TOTP(secret).now())
+        page.click("#mfa-submit")
+        page.wait_for_url("**/hub/home**")
+        page.goto(f"{stack.hub_url}/hub/spawn")
+        page.wait_for_selector("#spawn_form")
+        page.fill("#gpus", str(gpus))
+        page.locator("#spawn_form [type=submit]").click()
+        words = EXPECTED[user][2]
+        page.wait_for_function(
+            "words => !!document.body && document.body.innerText.includes(words)",
+            arg=words,
+            timeout=90_000,
+        )
+        page.screenshot(path=str(ARTIFACTS / f"spawn-failed-{EXPECTED[user][0]}.png"))
+        return str(page.inner_text("body"))
 
 
 @pytest.mark.browser
