@@ -131,3 +131,32 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to end this process (SIGTERM) when ``parent`` does; if ``parent`` is
+    already gone, end now. Survives ``exec``, so a wrapper can set it for a program it runs."""
+    import ctypes
+    import signal as signals
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, int(signals.SIGTERM), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signals.SIGTERM)
+
+
+def main(argv: Sequence[str]) -> None:
+    """``python -m ztlab.hub.processes PARENT_PID -- COMMAND ...``: run COMMAND so that it
+    ends with the process PARENT_PID (the hub), even when that is killed with SIGKILL."""
+    if len(argv) < 3 or argv[1] != "--" or not argv[0].isdigit():
+        raise SystemExit("usage: python -m ztlab.hub.processes PARENT_PID -- COMMAND ...")
+    die_with_parent(int(argv[0]))
+    os.execv(argv[2], list(argv[2:]))  # noqa: S606 - the hub's own service command
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

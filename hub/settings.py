@@ -14,6 +14,7 @@ them: stock JupyterHub creates its SQLite database world-readable.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -129,7 +130,13 @@ def _services(config: ZtlabConfig) -> tuple[list[dict[str, Any]], list[dict[str,
     # that the culler does not load
     culler = {
         "name": "idle-culler",
+        # it ends with the hub, even a hub killed with SIGKILL (a restarted hub starts its own)
         "command": [
+            sys.executable,
+            "-m",
+            "ztlab.hub.processes",
+            str(os.getpid()),
+            "--",
             sys.executable,
             "-m",
             "jupyterhub_idle_culler",

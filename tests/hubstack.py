@@ -144,6 +144,11 @@ class HubProcess:
         for group in self._groups:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
+        # MLflow runs in a session of its own: end what a hub killed mid-stop left
+        from ztlab.common.config import load_config
+        from ztlab.hub.processes import ManagedProcess
+
+        ManagedProcess("mlflow", load_config(self.config).state_dir).stop()
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:

@@ -163,6 +163,20 @@ def _mlflow_groups(stack: LoginStack) -> int:
     return len(groups)
 
 
+def _cullers(stack: LoginStack) -> int:
+    """How many idle cullers run for this stack's hub."""
+    wanted = f"--url={stack.hub_url}/hub/api"
+    found = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [word.decode(errors="replace") for word in argv]
+        found += wanted in words and "jupyterhub_idle_culler" in words
+    return found
+
+
 def _proxy_pid(stack: LoginStack) -> int:
     return int((stack.state_dir / "hub" / "proxy.pid").read_text().strip())
 
@@ -234,6 +248,7 @@ def test_kill_9_of_hub_and_proxy_under_load(stack: LoginStack, servers: dict[str
     # MLflow, which the dead hub left running, was replaced and answers through the hub
     assert _mlflow_answers(stack, servers["rita"]), stack.hub_log.read_text()[-3000:]
     assert _mlflow_groups(stack) == 1, "the dead hub's MLflow was left running"
+    assert _cullers(stack) == 1, "the dead hub's idle culler was left running"
     # the audit log verifies, and every acknowledged record is in it
     report = _verify_audit(stack)
     assert report.records > 0
