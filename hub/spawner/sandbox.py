@@ -61,6 +61,9 @@ class SandboxSpawner(DedicatedUserSpawner):
         """,
     )
 
+    #: the network namespace made for the spawn under way (by :meth:`create_certs`)
+    _netns: Any = None
+
     started_at = Float(0.0, help="When the running server started (seconds since the epoch).")
     max_hours = Float(0.0, help="How long the running server may run, from its roles.")
 
@@ -130,6 +133,7 @@ class SandboxSpawner(DedicatedUserSpawner):
             await self.ensure_account()
         async with self.stage("sandbox"):
             netns = await asyncio.to_thread(self._sandboxing().segments.create, self.user.name)
+        self._netns = netns  # made for this spawn: the sandbox stage uses it as it is
         self.ssl_alt_names = [f"IP:{netns.sandbox_ip}"]
         paths: dict[str, str] = await super().create_certs()
         return paths
@@ -251,7 +255,8 @@ class SandboxSpawner(DedicatedUserSpawner):
             self.account, limits=self.limits_for(roles), devices=devices
         )
         cgroup.kill_all()  # nothing left over from an earlier server of this user
-        netns = sandbox.segments.create(self.user.name)
+        netns = self._netns or sandbox.segments.create(self.user.name)
+        self._netns = None  # the next spawn makes (or repairs) it again
         sandbox.segments.allow_ingress(netns, port=self.server_port)
         api_port = _port(config.hub.api_url)
         sandbox.segments.allow(netns, dest=sandbox.segments.service_ip, port=api_port)
