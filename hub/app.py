@@ -33,21 +33,28 @@ from traitlets import Instance
 from traitlets.config import Config
 
 from ztlab.common.config import load_config
-from ztlab.common.installed import npm_command
+from ztlab.common.config.model import RoleConfig
 from ztlab.hub.controlplane import SETTINGS_KEY, ControlPlane, KnownUser
 from ztlab.hub.private import state_directory
+from ztlab.hub.proxy.egress import EgressMeter
+from ztlab.hub.proxy.enforce import Enforcer
 from ztlab.hub.settings import jupyterhub_settings
 
 #: how often, in seconds, the hub checks that the plane's service processes still run
 SERVICE_CHECK_SECONDS = 10
+#: how often, in seconds, the enforcement point records what it let through
+ACCESS_SUMMARY_SECONDS = 60
+#: how often, in seconds, the egress accounting reads the proxy's access log
+EGRESS_POLL_SECONDS = 1
 
 
-def control_plane_handlers() -> list[tuple[str, Any]]:
+def control_plane_handlers(enforcer: Enforcer) -> list[tuple[Any, ...]]:
     """Every handler of the control plane, relative to the hub prefix (``/hub/``)."""
     from ztlab.hub.api import api_handlers
     from ztlab.hub.pages import page_handlers
+    from ztlab.hub.proxy.enforce import enforce_handlers
 
-    return [*api_handlers(), *page_handlers()]
+    return [*enforce_handlers(enforcer), *api_handlers(), *page_handlers()]
 
 
 class ZtlabHub(JupyterHub):  # type: ignore[misc]
@@ -61,6 +68,9 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         allow_none=True,
         help="""The control plane this hub runs with (built by :func:`run_hub`).""",
     )
+
+    enforcer: Enforcer | None = None
+    egress: EgressMeter | None = None
 
     ztlab_settings = Instance(
         Config,
@@ -80,9 +90,18 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         self.tornado_settings = {**self.tornado_settings, SETTINGS_KEY: plane}
 
     def init_handlers(self) -> None:
-        """JupyterHub's handlers, with the control plane's API and pages in front."""
+        """JupyterHub's handlers, with the enforcement point, the control plane's API and
+        its pages in front."""
         super().init_handlers()
-        ours = self.add_url_prefix(self.hub_prefix, control_plane_handlers())
+        plane = self.control_plane
+        assert plane is not None
+        self.enforcer = Enforcer(
+            plane,
+            settings=self.tornado_settings,
+            cache_seconds=plane.config.proxy.decision_cache_seconds,
+            session_seconds=plane.config.proxy.session_seconds,
+        )
+        ours = self.add_url_prefix(self.hub_prefix, control_plane_handlers(self.enforcer))
         self.handlers[:0] = ours
 
     async def init_spawners(self) -> Any:
@@ -115,12 +134,44 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         watch = PeriodicCallback(plane.watch_services, SERVICE_CHECK_SECONDS * 1000)
         self._periodic_callbacks["ztlab-services"] = watch
         watch.start()
+        assert self.enforcer is not None  # made by init_handlers
+        summary = PeriodicCallback(self.enforcer.flush_summary, ACCESS_SUMMARY_SECONDS * 1000)
+        self._periodic_callbacks["ztlab-access-summary"] = summary
+        summary.start()
+        access_log = getattr(self.proxy, "access_log_file", "")
+        if access_log:
+            self.egress = EgressMeter(
+                Path(access_log),
+                record=plane.record,
+                report_bytes=self._egress_report_bytes,
+                base_url=self.base_url,
+            )
+            self.egress.start_at_end()
+            meter = PeriodicCallback(self._poll_egress, EGRESS_POLL_SECONDS * 1000)
+            self._periodic_callbacks["ztlab-egress"] = meter
+            meter.start()
+
+    def _poll_egress(self) -> None:
+        if self.egress is not None:
+            self.egress.poll()
+
+    def _egress_report_bytes(self, actor: str) -> int:
+        """The largest ``egress_report`` of the roles ``actor`` held at their last request."""
+        assert self.control_plane is not None
+        assert self.enforcer is not None
+        roles = self.control_plane.config.roles
+        held = [roles[r].egress_report for r in self.enforcer.roles_of.get(actor, ()) if r in roles]
+        return max(held, default=RoleConfig().egress_report)
 
     async def cleanup(self) -> None:
         """JupyterHub's clean-up (servers, proxy), then close the control plane."""
         try:
             await super().cleanup()
         finally:
+            if self.egress is not None:
+                self.egress.poll()
+            if self.enforcer is not None:
+                self.enforcer.flush_summary()
             if self.control_plane is not None:
                 self.control_plane.close()
 
@@ -133,7 +184,6 @@ def run_hub(config_path: Path, argv: Sequence[str] = ()) -> None:
     """
     source = str(config_path)
     config = load_config(config_path)
-    npm_command("configurable-http-proxy", "configurable-http-proxy")  # missing: say how
     if config.models.enabled:
         from ztlab.hub.models.server import ModelServer
 

@@ -21,9 +21,10 @@ DATA_SCOPE = "custom:ztlab:data"
 ROLE_GROUP_PREFIX = "ztlab-role-"
 
 #: the fewest JupyterHub scopes each policy role needs; admins administer servers and
-#: users but get no ``access:servers`` (they cannot open anybody's notebook)
+#: users and read the hub's metrics (egress among them) but get no ``access:servers``
+#: (they cannot open anybody's notebook)
 RBAC_SCOPES: dict[str, list[str]] = {
-    "admin": ["admin-ui", "list:users", "read:users", "admin:servers", "read:hub"],
+    "admin": ["admin-ui", "list:users", "read:users", "admin:servers", "read:hub", "read:metrics"],
     "data-steward": [],
     "trainer": [],
     "approver": [],

@@ -25,15 +25,17 @@ from traitlets.config import Config
 
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ConfigError
-from ztlab.common.installed import npm_command
 from ztlab.hub.controlplane import ControlPlane
 from ztlab.hub.identity import DATA_SCOPE, SERVER_TOKEN_SCOPES, rbac_roles
 from ztlab.hub.private import state_directory, state_file
+from ztlab.hub.spawner.serverenv import install as install_server_config
+from ztlab.hub.spawner.serverenv import server_command
 from ztlab.kernels.kernelspec import KERNEL_NAME
 from ztlab.kernels.kernelspec import install as install_kernelspec
 
 #: the entry-point names the hub is configured with (see pyproject.toml)
 AUTHENTICATOR = "ztlab-mfa"
+PROXY = "ztlab-traefik"
 SANDBOX_SPAWNER = "ztlab-sandbox"
 DEDICATED_SPAWNER = "ztlab-dedicated"
 
@@ -45,7 +47,8 @@ def jupyterhub_settings(plane: ControlPlane, *, source: str = "ztlab.toml") -> C
     """
     c = Config()
     config = plane.config
-    _hub_and_proxy(c, config)
+    _hub(c, config)
+    _proxy(c, plane)
     _sessions(c, config)
     _login(c, config, source)
     roles = rbac_roles(sorted(config.roles))
@@ -55,17 +58,11 @@ def jupyterhub_settings(plane: ControlPlane, *, source: str = "ztlab.toml") -> C
     return c
 
 
-def _hub_and_proxy(c: Config, config: ZtlabConfig) -> None:
-    """The hub's addresses, its proxy, its database and secrets, internal TLS."""
+def _hub(c: Config, config: ZtlabConfig) -> None:
+    """The hub's addresses, its database and secrets, internal TLS."""
     state = state_directory(config.state_dir / "hub")
     c.JupyterHub.bind_url = config.hub.bind_url
     c.JupyterHub.hub_bind_url = config.hub.api_url
-    # internal TLS: the proxy's REST API speaks https to the hub's client certificate
-    c.ConfigurableHTTPProxy.api_url = config.hub.proxy_api_url.replace("http://", "https://", 1)
-    c.ConfigurableHTTPProxy.command = [
-        str(npm_command("configurable-http-proxy", "configurable-http-proxy"))
-    ]
-    c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
     c.JupyterHub.db_url = f"sqlite:///{state_file(state / 'jupyterhub.sqlite')}"
     c.JupyterHub.cookie_secret_file = str(state / "jupyterhub_cookie_secret")
     refs = config.secret_refs()
@@ -84,6 +81,39 @@ def _hub_and_proxy(c: Config, config: ZtlabConfig) -> None:
         str(here / "pages" / "templates"),
     ]
     c.JupyterHub.default_url = "/hub/home"
+
+
+def hub_api_address(plane: ControlPlane) -> str:
+    """Where the hub's own API listens: ``scheme://host:port`` (internal TLS: https).
+
+    With the sandbox, on the service address servers can reach (put on ``lo`` by the
+    plane); otherwise ``[hub] api_url``.
+    """
+    api = urlsplit(plane.config.hub.api_url)
+    host = plane.sandbox.segments.service_ip if plane.sandbox is not None else api.hostname
+    return f"https://{host}:{api.port or 8081}"
+
+
+def _proxy(c: Config, plane: ControlPlane) -> None:
+    """Traefik, started by the hub, with the enforcement point in front of every server."""
+    config = plane.config
+    state = state_directory(config.state_dir / "hub")
+    logs = state_directory(config.state_dir / "logs")
+    c.JupyterHub.proxy_class = PROXY
+    proxy = c.ZtlabProxy
+    proxy.traefik_api_url = config.hub.proxy_api_url
+    proxy.traefik_api_username = "ztlab-hub"
+    # kept across restarts: Traefik's dynamic configuration (which a restarted hub reuses)
+    # holds the hash of this password for Traefik's API
+    password = state_file(state / "proxy-api-password", content=secrets.token_urlsafe(32).encode())
+    proxy.traefik_api_password = password.read_text().strip()
+    proxy.static_config_file = str(state / "traefik.toml")
+    proxy.dynamic_config_file = str(state / "traefik-routes.toml")
+    proxy.log_file = str(logs / "proxy.log")
+    proxy.access_log_file = str(state / "proxy-access.log")
+    proxy.pid_file = str(state / "proxy.pid")
+    proxy.traefik_log_level = "WARN"
+    proxy.enforce_url = hub_api_address(plane) + "/hub/ztlab/enforce"
 
 
 def _sessions(c: Config, config: ZtlabConfig) -> None:
@@ -167,8 +197,12 @@ def _servers(c: Config, plane: ControlPlane) -> None:
         c.Spawner.poll_interval = 10  # a server past its GPU lease is stopped within ~10 s
     else:
         c.JupyterHub.spawner_class = DEDICATED_SPAWNER
-    singleuser = Path(sys.executable).with_name("jupyterhub-singleuser")
-    c.Spawner.cmd = [str(singleuser if singleuser.exists() else "jupyterhub-singleuser")]
+    # the command line, configuration and paths come from the control plane; nothing the
+    # user can write (config files, user site, .pth, shell rc files) changes the server
+    c.Spawner.cmd = server_command()
+    install_server_config(Path(sys.prefix))
+    c.Spawner.disable_user_config = True
+    c.Spawner.env_keep = ["LANG", "LC_ALL", "TZ"]
     c.Spawner.default_url = "/lab"
     # the server's token (inherited by its kernels) may use the control plane's API, no more
     c.Spawner.server_token_scopes = SERVER_TOKEN_SCOPES

@@ -173,6 +173,12 @@ _TYPES: tuple[EventType, ...] = (
         optional=frozenset({"idle_seconds"}),
     ),
     EventType(
+        "session.signed_out",
+        "A user signed out: every session of theirs (all browsers, every server's "
+        "enforcement-point session) ended.",
+        _USER,
+    ),
+    EventType(
         "session.refresh_refused",
         "Re-checking a session at the provider failed (account disabled, no role left, ...).",
         _USER,
@@ -305,6 +311,39 @@ _TYPES: tuple[EventType, ...] = (
         "A server's GPU lease expired; the server was stopped.",
         _USER,
         {"lease": "lease id"},
+    ),
+    # -- the enforcement point --
+    EventType(
+        "proxy.refused",
+        "The enforcement point refused a request to a user's server (HTTP or WebSocket).",
+        "the caller, or ``anonymous`` when it brought no valid credential",
+        {
+            "server": "whose server the request was for",
+            "route": "the route class (files, notebooks, kernels, terminals, other)",
+            "method": "the HTTP method",
+            "path": "the path inside the server (at most 200 characters)",
+            "reason": "why (``anonymous``, ``bad-token``, ``token-scope``, "
+            "``session-expired``, ``policy: ID``, ``rule: NAME``, ...)",
+        },
+    ),
+    EventType(
+        "proxy.egress",
+        "The bytes one caller took out of a server today passed another multiple of their "
+        "roles' ``egress_report``.",
+        "the caller",
+        {
+            "server": "whose server",
+            "day": "the UTC day (``YYYY-MM-DD``)",
+            "bytes_today": "response bytes sent to the caller from that server today",
+            "routes": "route class -> bytes today",
+            "report_every": "the ``egress_report`` size that applies, in bytes",
+        },
+    ),
+    EventType(
+        "proxy.access.summary",
+        "What the enforcement point let through in the last minute, per caller and server.",
+        "the caller",
+        {"server": "whose server", "requests": "route class -> requests let through"},
     ),
     # -- GPU leases --
     EventType(

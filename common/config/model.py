@@ -309,6 +309,25 @@ MemorySize = Annotated[
 ]
 
 
+_RAW_FILES_EXPECTED = '"allow", "refuse" or a size such as "100M" (allowed up to that size)'
+
+
+def _parse_raw_files(value: object) -> str:
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("allow", "refuse"):
+            return word
+        try:
+            return format_size(parse_size(value))
+        except ValueError:
+            pass
+    raise _fail(f"expected {_RAW_FILES_EXPECTED}, got {describe_value(value)}")
+
+
+#: ``"allow"``, ``"refuse"`` or a size (``"100M"``): what a role may download as raw files
+RawFilesRule = Annotated[str, BeforeValidator(_parse_raw_files), Expect(_RAW_FILES_EXPECTED)]
+
+
 class _Model(BaseModel):
     """Common settings: frozen, no unknown keys, strict types, inputs kept out of errors."""
 
@@ -507,8 +526,8 @@ class HubConfig(_Model):
     proxy_api_url: HttpUrlText = Field(
         default="http://127.0.0.1:8001",
         description=(
-            "URL the REST API of the hub's proxy (configurable-http-proxy) listens on; only "
-            "the hub talks to it. Default: `http://127.0.0.1:8001`. "
+            "URL the API of the hub's proxy (Traefik) listens on, with a password the hub "
+            "makes at each start; only the hub talks to it. Default: `http://127.0.0.1:8001`. "
             'Example: `proxy_api_url = "http://127.0.0.1:9001"`.'
         ),
     )
@@ -773,6 +792,32 @@ class SandboxConfig(_Model):
     )
 
 
+class ProxyConfig(_Model):
+    """``[proxy]``: the proxy (Traefik) and the enforcement point in front of every server."""
+
+    decision_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description=(
+            "How long, in seconds, the enforcement point reuses a decision for the same "
+            "credential, server and route class (0 to 60; 0: decide every request). A "
+            "revoked token or a sign-out takes effect within this time. Default: `5`. "
+            "Example: `decision_cache_seconds = 2`. Added in 0.3."
+        ),
+    )
+    session_seconds: int = Field(
+        default=900,
+        ge=60,
+        le=86400,
+        description=(
+            "Lifetime, in seconds, of the enforcement point's session cookie for a server's "
+            "path (60 to 86400); renewed while in use, never past the hub session's maximum "
+            "age. Default: `900` (15 minutes). Example: `session_seconds = 300`. Added in 0.3."
+        ),
+    )
+
+
 class AuditConfig(_Model):
     """``[audit]``: the tamper-evident audit log."""
 
@@ -915,6 +960,37 @@ class RoleConfig(_Model):
             "Example: `max_server_hours = 12`."
         ),
     )
+    raw_files: RawFilesRule = Field(
+        default="refuse",
+        description=(
+            "What the enforcement point lets through on the raw-file routes of the role's own "
+            "server (`/files/`, `/view/`, nbconvert downloads, and the contents API for "
+            'anything but notebooks and directories): `"allow"`, `"refuse"`, or a size such '
+            'as `"100M"` (files up to that size). Notebooks still open, run and save. With '
+            'several roles the most generous rule applies. Default: `"refuse"` (for a new '
+            'role; built-in: data-steward "allow", admin and trainer "100M", approver "10M", '
+            'viewer "refuse"). Example: `raw_files = "1G"`. Added in 0.3.'
+        ),
+    )
+    egress_report: MemorySize = Field(
+        default=100 * 1024**2,
+        description=(
+            "An audit record (`proxy.egress`) each time the bytes sent out of one user's "
+            "server in a UTC day pass another multiple of this size (a size such as "
+            '"100M"). With several roles the largest applies. Default: `"100M"` (for a new '
+            'role; built-in: data-steward "10G", trainer "1G", admin and approver "100M", '
+            'viewer "50M"). Example: `egress_report = "500M"`. Added in 0.3.'
+        ),
+    )
+
+    @property
+    def raw_files_limit(self) -> int | None:
+        """Bytes a raw file may have to go out: ``None`` without a limit, ``0`` refused."""
+        if self.raw_files == "allow":
+            return None
+        if self.raw_files == "refuse":
+            return 0
+        return parse_size(self.raw_files)
 
 
 #: the built-in roles, in their documented order
@@ -933,6 +1009,8 @@ def _default_role_tables() -> dict[str, dict[str, Any]]:
             "memory": "4G",
             "cpus": 2.0,
             "max_server_hours": 8.0,
+            "raw_files": "100M",
+            "egress_report": "100M",
         },
         "data-steward": {
             "description": "Registers and classifies data sets and decides who may use them.",
@@ -940,6 +1018,8 @@ def _default_role_tables() -> dict[str, dict[str, Any]]:
             "memory": "8G",
             "cpus": 2.0,
             "max_server_hours": 8.0,
+            "raw_files": "allow",
+            "egress_report": "10G",
         },
         "trainer": {
             "description": "Trains and evaluates models on the GPU pools open to the role.",
@@ -947,6 +1027,8 @@ def _default_role_tables() -> dict[str, dict[str, Any]]:
             "memory": "32G",
             "cpus": 8.0,
             "max_server_hours": 24.0,
+            "raw_files": "100M",
+            "egress_report": "1G",
         },
         "approver": {
             "description": (
@@ -957,6 +1039,8 @@ def _default_role_tables() -> dict[str, dict[str, Any]]:
             "memory": "4G",
             "cpus": 1.0,
             "max_server_hours": 8.0,
+            "raw_files": "10M",
+            "egress_report": "100M",
         },
         "viewer": {
             "description": "Reads shared results and reports; runs no GPU work.",
@@ -964,6 +1048,8 @@ def _default_role_tables() -> dict[str, dict[str, Any]]:
             "memory": "2G",
             "cpus": 1.0,
             "max_server_hours": 4.0,
+            "raw_files": "refuse",
+            "egress_report": "50M",
         },
     }
 
@@ -1135,6 +1221,9 @@ class ZtlabConfig(_Model):
     )
     policy: PolicyConfig = Field(
         default_factory=PolicyConfig, description="The Cedar access-control policies."
+    )
+    proxy: ProxyConfig = Field(
+        default_factory=ProxyConfig, description="The proxy and the enforcement point."
     )
     sandbox: SandboxConfig = Field(
         default_factory=SandboxConfig,

@@ -25,6 +25,7 @@ _SECTIONS = {
     "policy": "Policy decisions",
     "account": "Servers",
     "server": "Servers",
+    "proxy": "The enforcement point",
     "gpu": "GPU leases",
     "dataset": "Datasets",
     "model": "Models",

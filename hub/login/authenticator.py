@@ -323,12 +323,18 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
         return refreshed
 
     def get_handlers(self, app: Any) -> list[tuple[str, Any]]:
-        """Our login, callback and MFA step-up handlers."""
-        from ztlab.hub.login.handlers import MFACallbackHandler, MFALoginHandler, StepUpHandler
+        """Our login, callback, sign-out and MFA step-up handlers."""
+        from ztlab.hub.login.handlers import (
+            MFACallbackHandler,
+            MFALoginHandler,
+            SignOutHandler,
+            StepUpHandler,
+        )
 
         return [
             (r"/oauth_login", MFALoginHandler),
             (r"/oauth_callback", MFACallbackHandler),
+            (r"/logout", SignOutHandler),
             (r"/ztlab/mfa", StepUpHandler),
         ]
 

@@ -14,9 +14,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Concatenate, Literal, Protocol, TypeVar
 
 from jupyterhub.handlers.base import BaseHandler
+from jupyterhub.utils import new_token
 from oauthenticator.oauth2 import (
     OAuthCallbackHandler,
     OAuthLoginHandler,
+    OAuthLogoutHandler,
     _deserialize_state,
     _serialize_state,
 )
@@ -107,8 +109,8 @@ class _Base:
 
         Not ``request.remote_ip``: with JupyterHub's ``xheaders`` on, tornado takes it from
         ``X-Real-Ip`` or the first hop a client may write itself. The address is the last
-        ``X-Forwarded-For`` entry, the one configurable-http-proxy appends for the peer it
-        saw, or the socket's peer when there is no proxy in between.
+        ``X-Forwarded-For`` entry, the one the proxy (Traefik) sets for the peer it saw, or
+        the socket's peer when there is no proxy in between.
         """
         hops = [
             hop.strip()
@@ -322,3 +324,22 @@ class StepUpHandler(_Base, BaseHandler):  # type: ignore[misc]
             action=self.hub.base_url + "ztlab/mfa",
         )
         self.finish(html)
+
+
+class SignOutHandler(_Base, OAuthLogoutHandler):  # type: ignore[misc]
+    """``/hub/logout``: JupyterHub's sign-out, which also ends every session of the user.
+
+    The user's ``cookie_id`` is rotated: the hub's login cookies of every browser, and the
+    enforcement point's session cookies (bound to it), stop working at once.
+    """
+
+    async def default_handle_logout(self) -> None:
+        """JupyterHub's clean-up, then a new cookie id (recorded before the answer)."""
+        user = self.current_user
+        await super().default_handle_logout()
+        if user is None:
+            return
+        user.orm_user.cookie_id = new_token()
+        self.db.commit()
+        self.plane.record(user.name, "session.signed_out")
+        await self.plane.flush()

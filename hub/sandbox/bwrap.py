@@ -31,9 +31,10 @@ Without ``netns`` the sandbox gets a network namespace of its own with only loop
 (``--unshare-net``); ``host_network=True`` keeps the caller's network (tests, debugging).
 
 Stopping: ``bwrap`` stays the parent of the sandbox, is the process the caller sees, and
-does not forward signals. When it dies (``SIGTERM`` from the spawner) the PID namespace
-is killed with it (``SIGKILL``, no graceful shutdown); with ``die_with_parent`` the
-sandbox also dies when the hub process that started it exits.
+does not forward signals; the spawner stops a sandbox by killing its cgroup. With
+``command_is_init`` the command is the sandbox's PID 1, so the sandbox ends when the command
+exits, however it exits (nothing it started can stay behind to take over its address);
+with ``die_with_parent`` the sandbox also dies when the hub process that started it exits.
 """
 
 from __future__ import annotations
@@ -257,6 +258,7 @@ def sandbox_argv(
     nsenter: str = "nsenter",
     setpriv: str = "setpriv",
     env_fd: int | None = None,
+    command_is_init: bool = False,
 ) -> list[str]:
     """The command line that runs ``command`` as ``spec.uid`` inside the sandbox.
 
@@ -275,6 +277,12 @@ def sandbox_argv(
     assignments (see :func:`env_file_content`); bubblewrap copies it into a 0600 file in the
     sandbox's private ``/run``, and a shell there exports it, deletes it and execs
     ``command``.
+
+    ``command_is_init`` makes ``command`` the sandbox's PID 1 (``--as-pid-1``): the sandbox
+    ends when it exits, whatever it started (a server's kernels, daemons they started).
+    Without it bwrap's own init is PID 1 and outlives the command while other processes
+    of the sandbox run. Orphans are then re-parented to the command, which may not reap
+    them (they stay zombies, counted in the cgroup's ``pids.max``, until it exits).
 
     Files are checked at call time: read-only and hidden paths missing on the host are
     skipped; devices must exist. Raises :class:`SandboxError` on a bad spec.
@@ -315,6 +323,10 @@ def sandbox_argv(
         argv.append("--unshare-net")
     if die_with_parent:
         argv.append("--die-with-parent")
+    if command_is_init:
+        # the command is PID 1 of the sandbox: when it exits, the kernel kills every other
+        # process in the sandbox (bwrap's own init would keep them, and their listeners)
+        argv.append("--as-pid-1")
     argv += ["--new-session", "--cap-drop", "ALL", "--hostname", spec.hostname]
     argv += _mounts(spec)
     if env_fd is not None:

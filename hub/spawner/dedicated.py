@@ -23,6 +23,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from ztlab.hub.controlplane import ControlPlane, control_plane
 from ztlab.hub.identity import granted_roles
 from ztlab.hub.policy import Principal
 from ztlab.hub.spawner.failures import SpawnFailed, SpawnRefused, Stage
+from ztlab.hub.spawner.serverenv import server_environment
 
 _UNIX_NAME = re.compile(r"[a-z_][a-z0-9_-]*\Z")
 
@@ -59,6 +61,9 @@ def mlflow_env(env: dict[str, str]) -> None:
 
 class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
     """Start each user's server as a dedicated, unprivileged Unix account ``ztl-NAME``."""
+
+    #: whether the server runs in a sandbox of its own (see ``SandboxSpawner``)
+    sandboxed = False
 
     account_prefix = Unicode(
         "ztl-",
@@ -122,11 +127,27 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
         hub API.
         """
         env: dict[str, str] = super().get_env()
+        env.update(server_environment(Path(sys.prefix), self.home))
         plane = self.plane
         env["ZTLAB_TRUSTED_KEYS"] = public_key_pem(plane.datasets.public_key)
         if plane.models is not None:
             mlflow_env(env)
         return env
+
+    @property
+    def home(self) -> Path:
+        """The home directory of this server's account (once the account exists)."""
+        try:
+            return Path(pwd.getpwnam(self.account).pw_dir)
+        except KeyError:
+            return Path(self.home_root) / self.account
+
+    def get_args(self) -> list[str]:
+        """JupyterHub's arguments, plus the notebook trust database in the user's home (the
+        server's data directory is the control plane's, read-only)."""
+        args: list[str] = super().get_args()
+        notary = self.home / ".local" / "share" / "jupyter"
+        return [*args, f"--NotebookNotary.data_dir={notary}"]
 
     # -- the stages ------------------------------------------------------------------------
 

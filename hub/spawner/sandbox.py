@@ -52,6 +52,9 @@ class SandboxSpawner(DedicatedUserSpawner):
     ``[sandbox] enabled`` (the default).
     """
 
+    #: the server runs in its own mount namespace (the enforcement point looks through it)
+    sandboxed = True
+
     server_port = Integer(
         8888,
         config=True,
@@ -420,7 +423,8 @@ def _spawn(launch: _Launch) -> subprocess.Popen[bytes]:
             launch.command,
             netns=launch.netns.name,
             env_fd=read_end,
-            die_with_parent=False,
+            die_with_parent=False,  # servers outlive a hub restart
+            command_is_init=True,  # ... but not their own server process
             bwrap=launch.tools["bwrap"],
             nsenter=launch.tools["nsenter"],
             setpriv=launch.tools["setpriv"],

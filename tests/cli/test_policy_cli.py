@@ -71,7 +71,7 @@ def test_no_roles_given_means_no_roles() -> None:
     [
         (
             ["--action", "lease", "--resource", "pool:research"],
-            "error: unknown action 'lease'; expected one of: approve_model, join_pool, lease_gpu,",
+            "error: unknown action 'lease'; expected one of: access_server, approve_model,",
         ),
         (
             ["--action", "lease_gpu", "--resource", "pool:research", "--context", '{"gpus": 2,}'],
@@ -143,7 +143,7 @@ def test_check_with_a_policy_dir(tmp_path: Path) -> None:
 
 
 def test_validate_defaults() -> None:
-    assert run("validate") == (0, "21 policies, 10 actions, valid\n", "")
+    assert run("validate") == (0, "27 policies, 11 actions, valid\n", "")
 
 
 def test_validate_reports_the_broken_file(tmp_path: Path) -> None:

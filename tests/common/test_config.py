@@ -40,6 +40,7 @@ from ztlab.common.config.model import (
     LoginConfig,
     ModelsConfig,
     PolicyConfig,
+    ProxyConfig,
     RoleConfig,
     SandboxConfig,
     SecretsConfig,
@@ -210,8 +211,22 @@ def test_default_roles_are_a_new_dict_each_time() -> None:
 # Exact messages, one problem each
 # --------------------------------------------------------------------------------------
 
-TOP_KEYS = (
-    "audit, datasets, gpu, groups, hub, login, models, policy, roles, sandbox, secrets, state_dir"
+TOP_KEYS = ", ".join(
+    (
+        "audit",
+        "datasets",
+        "gpu",
+        "groups",
+        "hub",
+        "login",
+        "models",
+        "policy",
+        "proxy",
+        "roles",
+        "sandbox",
+        "secrets",
+        "state_dir",
+    )
 )
 
 ONE_PROBLEM: list[tuple[str, str, str]] = [
@@ -230,7 +245,8 @@ ONE_PROBLEM: list[tuple[str, str, str]] = [
         "unknown key in a role",
         "[roles.trainer]\ngpus = 1\n",
         "ztlab.toml: roles.trainer.gpus: unknown key; "
-        "expected one of: cpus, description, max_gpus, max_server_hours, memory",
+        "expected one of: cpus, description, egress_report, max_gpus, max_server_hours, "
+        "memory, raw_files",
     ),
     (
         "unknown table",
@@ -990,6 +1006,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     PolicyConfig,
     LoginConfig,
     SandboxConfig,
+    ProxyConfig,
     RoleConfig,
     GpuConfig,
     GpuPool,
@@ -1039,3 +1056,30 @@ def test_sandbox_settings_are_checked(in_tmp: Path) -> None:
         'got "10.0.0.0/30"',
         "  sandbox.pids_max: expected an integer >= 16, got 4",
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "limit"),
+    [("allow", None), ("refuse", 0), ("Refuse", 0), ("100M", 100 * 1024**2), ("1g", G)],
+)
+def test_raw_files_rule(in_tmp: Path, value: str, limit: int | None) -> None:
+    path = in_tmp / "ztlab.toml"
+    path.write_text(f'[roles.viewer]\nraw_files = "{value}"\n')
+    assert load_config(path).roles["viewer"].raw_files_limit == limit
+
+
+def test_raw_files_rule_bad_value(in_tmp: Path) -> None:
+    message = error_for(in_tmp, '[roles.viewer]\nraw_files = "sometimes"\n')
+    assert message == (
+        'ztlab.toml: roles.viewer.raw_files: expected "allow", "refuse" or a size such as '
+        '"100M" (allowed up to that size), got "sometimes" (string)'
+    )
+
+
+def test_built_in_raw_file_rules() -> None:
+    roles = load_config(EXAMPLE).roles
+    assert roles["viewer"].raw_files == "refuse"
+    assert roles["data-steward"].raw_files_limit is None
+    assert roles["trainer"].raw_files_limit == 100 * 1024**2
+    # a new role refuses raw files unless it says otherwise
+    assert RoleConfig().raw_files_limit == 0

@@ -20,6 +20,8 @@ ROLES = ("admin", "data-steward", "trainer", "approver", "viewer", "", "auditor"
 CASES: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "spawn_own_server": ("spawn_server", "server:{me}", None),
     "spawn_other_server": ("spawn_server", "server:mallory", None),
+    "access_own_server": ("access_server", "server:{me}", {"route": "files", "method": "GET"}),
+    "access_other_server": ("access_server", "server:mallory", {"route": "other"}),
     "lease_gpu": ("lease_gpu", "pool:research", {"gpus": 2}),
     "join_pool": ("join_pool", "pool:research", None),
     "read_dataset": ("read_dataset", "dataset:mnist@3", None),
@@ -43,12 +45,15 @@ OWN_SERVER = "F:own-server-only"
 TWO_PERSON = "F:two-person-rule"
 SIGN_OWN = "F:sign-own-models-only"
 REGISTER_OWN = "F:register-own-models-only"
+OWN_USE = "F:own-server-use-only"
 
 # fmt: off
 TABLE: dict[str, tuple[str, ...]] = {
     #                             admin                  data-steward                      trainer                     approver                      viewer                 none          auditor  # noqa: E501
     "spawn_own_server":          ("A:admin-spawn-server", "A:data-steward-spawn-server", "A:trainer-spawn-server", "A:approver-spawn-server", "A:viewer-spawn-server", D, D),  # noqa: E501
     "spawn_other_server":        (OWN_SERVER, OWN_SERVER, OWN_SERVER, OWN_SERVER, OWN_SERVER, OWN_SERVER, OWN_SERVER),  # noqa: E501
+    "access_own_server":         ("A:admin-use-server", "A:data-steward-use-server", "A:trainer-use-server", "A:approver-use-server", "A:viewer-use-server", D, D),  # noqa: E501
+    "access_other_server":       (OWN_USE, OWN_USE, OWN_USE, OWN_USE, OWN_USE, OWN_USE, OWN_USE),
     "lease_gpu":                 (NO_GPU, D, "A:trainer-lease-gpu", D, D, D, D),
     "join_pool":                 (NO_GPU, D, "A:trainer-join-pool", D, D, D, D),
     "read_dataset":              (D, "A:data-steward-read-dataset", "A:trainer-read-dataset", D, D, D, D),  # noqa: E501
@@ -124,13 +129,13 @@ def test_user_without_roles_is_denied_everything(engine: PolicyEngine) -> None:
         assert not decision.allowed, case
 
 
-def test_viewer_may_only_spawn_own_server(engine: PolicyEngine) -> None:
+def test_viewer_may_only_spawn_and_use_own_server(engine: PolicyEngine) -> None:
     allowed = {
         case
         for case in CASES
         if engine.authorize(_principal("viewer", name="vera"), *_request(case, "vera")).allowed
     }
-    assert allowed == {"spawn_own_server"}
+    assert allowed == {"spawn_own_server", "access_own_server"}
 
 
 def test_reason_texts(engine: PolicyEngine) -> None:

@@ -91,7 +91,7 @@ def test_browser_login_with_totp_reaches_the_users_server(
     entry = pwd.getpwnam(f"ztl-{grace}")
     assert entry.pw_uid != 0
     processes = subprocess.run(
-        ["pgrep", "-u", entry.pw_name, "-f", "jupyterhub-singleuser"],
+        ["pgrep", "-u", entry.pw_name, "-f", "jupyterhub.singleuser"],
         capture_output=True,
         text=True,
         check=False,

@@ -45,7 +45,7 @@ def test_the_dedicated_spawner_runs_the_server_as_its_account(stack: LoginStack)
     certs = Path(entry.pw_dir) / ".jupyterhub" / "jupyterhub-certs"
     assert sorted(p.stat().st_uid for p in certs.iterdir()) == [entry.pw_uid] * 3
     running = subprocess.run(
-        ["pgrep", "-u", "ztl-olga", "-f", "jupyterhub-singleuser"],
+        ["pgrep", "-u", "ztl-olga", "-f", "jupyterhub.singleuser"],
         capture_output=True,
         text=True,
         check=False,

@@ -1,0 +1,161 @@
+"""Egress accounting: the bytes that leave users' servers through the enforcement point.
+
+Traefik writes one JSON line per request to its access log (no header but the enforcement
+point's ``X-Ztlab-Actor`` and ``X-Ztlab-Route``, which Traefik put on the request after the
+hub let it through). :class:`EgressMeter` reads the new lines every second and counts, per
+caller, server and route class, the response bytes Traefik sent to the client
+(``DownstreamContentSize``: the body as sent, compressed when the server compressed it):
+
+- as Prometheus metrics on the hub's ``/hub/metrics`` (``ztlab_proxy_egress_bytes_total``
+  and ``ztlab_proxy_egress_requests_total``, labels ``user``, ``server``, ``route``);
+- as audit records: ``proxy.egress`` each time one caller's bytes out of one server in a
+  UTC day pass another multiple of the largest ``[roles.NAME] egress_report`` of their roles.
+
+Only requests the enforcement point let through are counted (a refusal carries no
+``X-Ztlab-Route`` from the hub, and its few bytes are the hub's message, not the server's).
+Traefik does not count the bytes of upgraded connections: a WebSocket's frames (kernel
+output, terminals) are not in these counters, only its handshake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter as Metric
+
+from ztlab.hub.proxy.routes import parse_target
+
+EGRESS_BYTES = Metric(
+    "ztlab_proxy_egress_bytes",
+    "Response bytes sent to clients from users' servers, through the enforcement point",
+    ["user", "server", "route"],
+)
+EGRESS_REQUESTS = Metric(
+    "ztlab_proxy_egress_requests",
+    "Requests to users' servers let through by the enforcement point",
+    ["user", "server", "route"],
+)
+
+#: the most of the access log read in one poll (the rest is read at the next)
+READ_LIMIT = 8 * 1024 * 1024
+
+
+@dataclass
+class _Day:
+    """One UTC day's bytes per caller and server, and what was reported of them."""
+
+    date: str
+    total: Counter[tuple[str, str]] = field(default_factory=Counter)
+    by_route: dict[tuple[str, str], Counter[str]] = field(default_factory=dict)
+    reported: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+class EgressMeter:
+    """Reads Traefik's access log and counts what left each server (module docstring)."""
+
+    def __init__(
+        self,
+        access_log: Path,
+        *,
+        record: Callable[..., None],
+        report_bytes: Callable[[str], int],
+        base_url: str = "/",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = access_log
+        self._record = record
+        self._report_bytes = report_bytes
+        self._base_url = base_url
+        self._clock = clock
+        self._inode: int | None = None
+        self._offset = 0
+        self._partial = b""
+        self._day = _Day(date="")
+        #: bytes and requests since the hub started, per (caller, server, route class)
+        self.bytes: Counter[tuple[str, str, str]] = Counter()
+        self.requests: Counter[tuple[str, str, str]] = Counter()
+
+    def start_at_end(self) -> None:
+        """Skip what the log holds already (a restarted hub counts from its start)."""
+        try:
+            info = self._path.stat()
+        except FileNotFoundError:
+            return
+        self._inode, self._offset = info.st_ino, info.st_size
+
+    def poll(self) -> int:
+        """Count the lines written since the last poll; return how many were counted."""
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        try:
+            info = os.fstat(fd)
+            if info.st_ino != self._inode or info.st_size < self._offset:
+                # a new or truncated log (Traefik started again, or the log was rotated)
+                self._inode, self._offset, self._partial = info.st_ino, 0, b""
+            os.lseek(fd, self._offset, os.SEEK_SET)
+            data = os.read(fd, READ_LIMIT)
+        finally:
+            os.close(fd)
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        counted = 0
+        for line in lines:
+            if line.strip() and self.count(line):
+                counted += 1
+        return counted
+
+    def count(self, line: bytes) -> bool:
+        """Count one access-log line; False if it is not a request the hub let through."""
+        try:
+            entry: dict[str, Any] = json.loads(line)
+        except ValueError:
+            return False
+        route = entry.get("request_X-Ztlab-Route")
+        actor = entry.get("request_X-Ztlab-Actor")
+        if not route or not actor or not entry.get("OriginStatus"):
+            return False
+        target = parse_target(str(entry.get("RequestPath", "")), base_url=self._base_url)
+        if target is None:
+            return False
+        sent = int(entry.get("DownstreamContentSize") or 0)
+        key = (str(actor), target.owner, str(route))
+        self.bytes[key] += sent
+        self.requests[key] += 1
+        EGRESS_BYTES.labels(*key).inc(sent)
+        EGRESS_REQUESTS.labels(*key).inc()
+        self._add_to_day(key, sent)
+        return True
+
+    def _add_to_day(self, key: tuple[str, str, str], sent: int) -> None:
+        today = datetime.fromtimestamp(self._clock(), UTC).date().isoformat()
+        if self._day.date != today:
+            self._day = _Day(date=today)
+        actor, owner, route = key
+        pair = (actor, owner)
+        day = self._day
+        day.total[pair] += sent
+        day.by_route.setdefault(pair, Counter())[route] += sent
+        step = max(1, self._report_bytes(actor))
+        passed = day.total[pair] // step
+        if passed > day.reported[pair]:
+            day.reported[pair] = passed
+            self._record(
+                actor,
+                "proxy.egress",
+                server=owner,
+                day=today,
+                bytes_today=day.total[pair],
+                routes=dict(day.by_route[pair]),
+                report_every=step,
+            )
