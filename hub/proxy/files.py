@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from ztlab.common.errors import ZtlabError
 
 #: how many symbolic links one path may pass through (as Linux's ``MAXSYMLINKS``)
 MAX_LINKS = 40
+#: how long a server's view is reused without asking the hub's database again (it is also
+#: checked on every use: the same process must still run)
+VIEW_SECONDS = 2.0
 
 
 class UnresolvablePath(ZtlabError):
@@ -48,9 +52,27 @@ class ServerFiles:
     def __init__(self, users: Any, db: Any) -> None:
         self._users = users
         self._db = db
+        #: owner -> (until, the process the view was read from, the view)
+        self._views: dict[str, tuple[float, str, ServerView]] = {}
 
     def view(self, owner: str) -> ServerView | None:
-        """The view of ``owner``'s running server, or ``None`` when it has none."""
+        """The view of ``owner``'s running server, or ``None`` when it has none.
+
+        Reused for :data:`VIEW_SECONDS` while the same server process (same pid, same start
+        time) still runs; a restarted or stopped server is looked up again at once.
+        """
+        now = time.monotonic()
+        cached = self._views.get(owner)
+        if cached is not None and cached[0] > now and _process_identity(cached[2]) == cached[1]:
+            return cached[2]
+        view = self._lookup(owner)
+        if view is None:  # a server about to start is looked up again on the next request
+            self._views.pop(owner, None)
+        else:
+            self._views[owner] = (now + VIEW_SECONDS, _process_identity(view), view)
+        return view
+
+    def _lookup(self, owner: str) -> ServerView | None:
         from jupyterhub import orm
 
         orm_user = orm.User.find(self._db, owner)
@@ -97,6 +119,18 @@ class ServerFiles:
         except UnresolvablePath:
             return False
         return found is not None and stat.S_ISDIR(found.st_mode)
+
+
+def _process_identity(view: ServerView | None) -> str:
+    """Which process a sandboxed view looks through (pid and start time), "" for others."""
+    if view is None or not view.root:
+        return ""
+    try:
+        stat_line = Path(view.root).parent.joinpath("stat").read_text()
+    except OSError:
+        return "gone"
+    # the start time is field 22; the command name (field 2) may hold spaces
+    return f"{view.root}:{stat_line.rsplit(')', 1)[-1].split()[19]}"
 
 
 def _sandbox_init(pid: int) -> int | None:
