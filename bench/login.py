@@ -60,6 +60,7 @@ def _start(
     health: str,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    headers: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -70,7 +71,7 @@ def _start(
         if proc.poll() is not None:
             raise RuntimeError(f"{argv[0]} exited:\n{log.read_text()[-3000:]}")
         try:
-            if requests.get(health, timeout=2).status_code == 200:
+            if requests.get(health, headers=headers, timeout=2).status_code == 200:
                 return proc
         except requests.ConnectionError:
             pass
