@@ -394,6 +394,26 @@ def wait_ready(stack: LoginStack, user: str, token: str, timeout: float = 120) -
     )
 
 
+def stop_server(stack: LoginStack, user: str, token: str) -> None:
+    """Stop ``user``'s server and wait until the hub says it has stopped."""
+    requests.delete(
+        f"{stack.hub_url}/hub/api/users/{user}/server",
+        headers={"Authorization": f"token {token}"},
+        timeout=60,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        model = requests.get(
+            f"{stack.hub_url}/hub/api/users/{user}",
+            headers={"Authorization": f"token {token}"},
+            timeout=30,
+        ).json()
+        if not model.get("servers") and not model.get("pending"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{user}'s server did not stop")
+
+
 @contextlib.contextmanager
 def nvidia_nodes(*minors: int) -> Iterator[list[Path]]:
     """GPU device nodes (NVIDIA's major 195) on a machine without a GPU; removed after."""

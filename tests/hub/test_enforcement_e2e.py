@@ -45,6 +45,7 @@ from tests.hubstack import (
     remove_accounts,
     running_stack,
     spawn_server,
+    stop_server,
     wait_ready,
 )
 from ztlab.hub.identity import DATA_SCOPE
@@ -159,31 +160,12 @@ def _start(stack: LoginStack, user: str, token: str) -> None:
     wait_ready(stack, user, token)
 
 
-def _stop(stack: LoginStack, user: str, token: str) -> None:
-    requests.delete(
-        f"{stack.hub_url}/hub/api/users/{user}/server",
-        headers={"Authorization": f"token {token}"},
-        timeout=60,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        model = requests.get(
-            f"{stack.hub_url}/hub/api/users/{user}",
-            headers={"Authorization": f"token {token}"},
-            timeout=30,
-        ).json()
-        if not model.get("servers") and not model.get("pending"):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{user}'s server did not stop")
-
-
 @pytest.fixture(scope="module")
 def servers(stack: LoginStack, tokens: dict[str, str]) -> dict[str, str]:
     """Both servers running; una's restarted after she wrote every configuration source."""
     for user in USERS:
         _start(stack, user, tokens[user])
-    _stop(stack, "una", tokens["una"])
+    stop_server(stack, "una", tokens["una"])
     entry = pwd.getpwnam("ztl-una")
     home = Path(entry.pw_dir)
     for relative, content in SOURCES.values():
