@@ -22,6 +22,7 @@ stopped, a final audit checkpoint signed).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,15 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
                 self.control_plane.close()
 
 
+def interruptible() -> None:
+    """Let SIGINT stop the hub, and the services it starts, even when the hub was started with
+    SIGINT ignored (as a shell does for a command it runs in the background): JupyterHub stops
+    a service with SIGINT first and waits 10 s before SIGTERM, and a child inherits an
+    ignored signal, so an idle culler would hold the hub's shutdown that long."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_hub(config_path: Path, argv: Sequence[str] = ()) -> None:
     """Read ``config_path``, open the control plane, start its services, run the hub here.
 
@@ -184,6 +194,7 @@ def run_hub(config_path: Path, argv: Sequence[str] = ()) -> None:
     """
     source = str(config_path)
     config = load_config(config_path)
+    interruptible()
     if config.models.enabled:
         from ztlab.hub.models.server import ModelServer
 

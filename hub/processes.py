@@ -153,6 +153,8 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) < 3 or argv[1] != "--" or not argv[0].isdigit():
         raise SystemExit("usage: python -m ztlab.hub.processes PARENT_PID -- COMMAND ...")
     die_with_parent(int(argv[0]))
+    # a service stops on SIGINT (JupyterHub's first signal), even if its parent ignored it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execv(argv[2], list(argv[2:]))  # noqa: S606 - the hub's own service command
 
 

@@ -100,6 +100,10 @@ class LoginStack:
         return response.status_code == 200
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class HubProcess:
     """``ztlab hub`` as a process of its own, to start, kill (any signal) and start again.
 
@@ -115,7 +119,11 @@ class HubProcess:
         self._groups: list[int] = []
 
     def start(self, timeout: float = 60) -> None:
-        """Start the hub and wait until it answers its health check."""
+        """Start the hub and wait until it answers its health check.
+
+        The hub starts with SIGINT ignored, as a shell starts a command it runs in the
+        background (CI often does): its shutdown must not depend on how it was started.
+        """
         ztlab = Path(sys.executable).with_name("ztlab")
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -123,6 +131,7 @@ class HubProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_ignore_sigint,
             )
         self._groups.append(self.proc.pid)
         _wait_http(self.health, self.proc, self.log, timeout=timeout)
