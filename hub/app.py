@@ -145,7 +145,6 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
                 Path(access_log),
                 record=plane.record,
                 report_bytes=self._egress_report_bytes,
-                base_url=self.base_url,
             )
             self.egress.start_at_end()
             meter = PeriodicCallback(self._poll_egress, EGRESS_POLL_SECONDS * 1000)

@@ -1,8 +1,9 @@
 """Egress accounting: the bytes that leave users' servers through the enforcement point.
 
-Traefik writes one JSON line per request to its access log (no header but the enforcement
-point's ``X-Ztlab-Actor`` and ``X-Ztlab-Route``, which Traefik put on the request after the
-hub let it through). :class:`EgressMeter` reads the new lines every second and counts, per
+Traefik writes one JSON line per request to its access log (mode 0600, with no header but
+the enforcement point's ``X-Ztlab-Actor``, ``X-Ztlab-Server`` and ``X-Ztlab-Route``, which
+Traefik put on the request after the hub let it through, and without the request's path,
+whose query may hold a token). :class:`EgressMeter` reads the new lines every second and counts, per
 caller, server and route class, the response bytes Traefik sent to the client
 (``DownstreamContentSize``: the body as sent, compressed when the server compressed it):
 
@@ -30,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter as Metric
-
-from ztlab.hub.proxy.routes import parse_target
 
 EGRESS_BYTES = Metric(
     "ztlab_proxy_egress_bytes",
@@ -67,13 +66,11 @@ class EgressMeter:
         *,
         record: Callable[..., None],
         report_bytes: Callable[[str], int],
-        base_url: str = "/",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._path = access_log
         self._record = record
         self._report_bytes = report_bytes
-        self._base_url = base_url
         self._clock = clock
         self._inode: int | None = None
         self._offset = 0
@@ -123,13 +120,11 @@ class EgressMeter:
             return False
         route = entry.get("request_X-Ztlab-Route")
         actor = entry.get("request_X-Ztlab-Actor")
-        if not route or not actor or not entry.get("OriginStatus"):
-            return False
-        target = parse_target(str(entry.get("RequestPath", "")), base_url=self._base_url)
-        if target is None:
+        owner = entry.get("request_X-Ztlab-Server")
+        if not route or not actor or not owner or not entry.get("OriginStatus"):
             return False
         sent = int(entry.get("DownstreamContentSize") or 0)
-        key = (str(actor), target.owner, str(route))
+        key = (str(actor), str(owner), str(route))
         self.bytes[key] += sent
         self.requests[key] += 1
         EGRESS_BYTES.labels(*key).inc(sent)

@@ -7,8 +7,8 @@ The decision, step by step (:meth:`Enforcer.decide`):
 (0) the request is for a user's server (``/user/OWNER/...``), its route classified
     (:mod:`ztlab.hub.proxy.routes`); anything else is refused;
 (1) the caller is authenticated by the hub, never by the server: a hub API token
-    (``Authorization: token|bearer``, or ``?token=``), or the enforcement point's own
-    session cookie, which the hub signs and scopes to the server's path
+    (``Authorization: token|bearer``, or ``?token=`` for a browser's WebSocket), or the
+    enforcement point's own session cookie, which the hub signs and scopes to the server's path
     (:class:`SessionHandler` sets it after the hub's own sign-in); neither means: a browser
     is sent to sign in, an API client gets 401;
 (2) a token must hold the hub's scope to reach this server (``access:servers``, or
@@ -279,13 +279,18 @@ class Credential:
 
 
 def credential_of(headers: Any, query: str, cookies: dict[str, str]) -> Credential:
-    """The credential of the original request: a token first, then the session cookie."""
+    """The credential of the original request: a token first, then the session cookie.
+
+    A token in the query (``?token=``) counts only for a browser's WebSocket, which cannot
+    send headers, as JupyterHub's servers accept it: anywhere else a URL with a token would
+    end up in histories, referrers and logs.
+    """
     authorization = headers.get("Authorization", "")
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() in ("token", "bearer") and value.strip():
         return Credential("token", value.strip())
     token = parse_qs(query).get("token", [""])[0]
-    if token:
+    if token and headers.get("Sec-Fetch-Mode", "") == "websocket":
         return Credential("token", token)
     session = cookies.get(SESSION_COOKIE)
     if session:
@@ -340,6 +345,7 @@ class EnforceHandler(web.RequestHandler):
             # Traefik puts these on the request it forwards: the server and the access log
             # (the egress accounting) see who asked and the route class decided here
             self.set_header("X-Ztlab-Actor", decision.actor)
+            self.set_header("X-Ztlab-Server", target.owner)
             self.set_header("X-Ztlab-Route", target.route)
             if credential.kind == "session":
                 self._renew(credential.value, target)

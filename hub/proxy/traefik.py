@@ -33,6 +33,9 @@ ENFORCE_MIDDLEWARE = "ztlab-enforce"
 INTERNAL_TRANSPORT = "ztlab-internal"
 #: the cookie the enforcement point sets, which Traefik adds to the server's response
 SESSION_COOKIE = "ztlab-session"
+#: what the enforcement point tells Traefik about a request it let through; Traefik sets
+#: them on the forwarded request (replacing any the client sent) and in its access log
+DECISION_HEADERS = ("X-Ztlab-Actor", "X-Ztlab-Server", "X-Ztlab-Route")
 
 
 class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
@@ -99,16 +102,19 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
             "transport": {"respondingTimeouts": {"readTimeout": "0s", "writeTimeout": "0s"}}
         }
         if self.access_log_file:
+            _private_file(Path(self.access_log_file))
             self.static_config["accessLog"] = {
                 "filePath": self.access_log_file,
                 "format": "json",
                 "bufferingSize": 0,
-                # no header but the enforcement point's own (never a token or a cookie)
+                # no header but the enforcement point's own (never a token or a cookie), and
+                # no path: its query may hold a token (``?token=``, as WebSockets send it)
                 "fields": {
                     "defaultMode": "keep",
+                    "names": {"RequestPath": "drop"},
                     "headers": {
                         "defaultMode": "drop",
-                        "names": {"X-Ztlab-Actor": "keep", "X-Ztlab-Route": "keep"},
+                        "names": dict.fromkeys(DECISION_HEADERS, "keep"),
                     },
                 },
             }
@@ -126,7 +132,7 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
                 "address": self.enforce_url,
                 "tls": {"ca": ca, "cert": cert, "key": key},
                 "trustForwardHeader": False,
-                "authResponseHeaders": ["X-Ztlab-Actor", "X-Ztlab-Route"],
+                "authResponseHeaders": list(DECISION_HEADERS),
                 "addAuthCookiesToResponse": [SESSION_COOKIE],
             }
         }
@@ -199,3 +205,13 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
         if self._watch is not None:
             self._watch.stop()
         await super().stop()
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` readable by the control plane only (or make it so): Traefik appends to
+    a file that exists and would create its own with a wider mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)

@@ -25,6 +25,7 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -277,6 +278,32 @@ def test_websockets_need_the_owners_credentials(stack: LoginStack, servers: dict
         }
     finally:
         kernel.close()
+
+
+def test_the_access_log_keeps_no_credential(stack: LoginStack, servers: dict[str, str]) -> None:
+    """A token in the query counts only for a browser's WebSocket (as JupyterHub's servers
+    accept it); Traefik's access log (the egress accounting's input) holds neither such a
+    token nor one from a header, and only the hub may read it."""
+    token = servers["una"]
+    url = f"{stack.hub_url}/user/una/api/status?token={token}"
+    refused = requests.get(url, timeout=30)
+    assert refused.status_code == 401
+    assert refused.headers["X-Ztlab-Decision"] == "sign-in"
+    answer = requests.get(url, headers={"Sec-Fetch-Mode": "websocket"}, timeout=30)
+    assert answer.status_code == 200
+    answer = requests.get(
+        f"{stack.hub_url}/user/una/api/status",
+        headers={"Authorization": f"token {token}"},
+        timeout=30,
+    )
+    assert answer.status_code == 200
+    log = stack.state_dir / "hub" / "proxy-access.log"
+    deadline = time.monotonic() + 10
+    while log.read_text().count('"request_X-Ztlab-Server":"una"') < 2:
+        assert time.monotonic() < deadline, "the requests were not logged"
+        time.sleep(0.1)
+    assert token not in log.read_text()
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
 
 
 # -- other users, scopes, expiry --------------------------------------------------------------

@@ -14,8 +14,8 @@ DAY = 1_796_000_000.0  # a fixed "now"
 
 def _line(path: str, size: int, *, route: str | None = "files", actor: str | None = "una",
           origin: int = 200) -> str:  # fmt: skip
+    # the access log has no path (its query may hold a token): the server is a header
     entry: dict[str, Any] = {
-        "RequestPath": path,
         "DownstreamContentSize": size,
         "OriginStatus": origin,
         "RouterName": "router__2Fuser__2Funa__2F@file",
@@ -24,6 +24,8 @@ def _line(path: str, size: int, *, route: str | None = "files", actor: str | Non
         entry["request_X-Ztlab-Route"] = route
     if actor is not None:
         entry["request_X-Ztlab-Actor"] = actor
+    if path.startswith("/user/"):
+        entry["request_X-Ztlab-Server"] = path.split("/")[2]
     return json.dumps(entry) + "\n"
 
 
