@@ -145,6 +145,7 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
                 Path(access_log),
                 record=plane.record,
                 report_bytes=self._egress_report_bytes,
+                websocket_log=_optional_path(getattr(self.proxy, "websocket_log_file", "")),
             )
             self.egress.start_at_end()
             meter = PeriodicCallback(self._poll_egress, EGRESS_POLL_SECONDS * 1000)
@@ -174,6 +175,10 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
                 self.enforcer.flush_summary()
             if self.control_plane is not None:
                 self.control_plane.close()
+
+
+def _optional_path(value: str) -> Path | None:
+    return Path(value) if value else None
 
 
 def interruptible() -> None:

@@ -111,6 +111,7 @@ def _proxy(c: Config, plane: ControlPlane) -> None:
     proxy.dynamic_config_file = str(state / "traefik-routes.toml")
     proxy.log_file = str(logs / "proxy.log")
     proxy.access_log_file = str(state / "proxy-access.log")
+    proxy.websocket_log_file = str(state / "proxy-websocket.log")
     proxy.pid_file = str(state / "proxy.pid")
     proxy.traefik_log_level = "WARN"
     proxy.enforce_url = hub_api_address(plane) + "/hub/ztlab/enforce"

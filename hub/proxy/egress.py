@@ -14,8 +14,10 @@ caller, server and route class, the response bytes Traefik sent to the client
 
 Only requests the enforcement point let through are counted (a refusal carries no
 ``X-Ztlab-Route`` from the hub, and its few bytes are the hub's message, not the server's).
-Traefik does not count the bytes of upgraded connections: a WebSocket's frames (kernel
-output, terminals) are not in these counters, only its handshake.
+Traefik's access log has 0 bytes for an upgraded connection, so a WebSocket's frames (kernel
+output, terminals) are counted by the ``wscount`` middleware (a Traefik local plugin,
+``hub/proxy/wscount/``), which appends ``{"actor", "server", "route", "bytes"}`` to its own
+log every MiB, every 5 s of traffic and when the connection closes; both logs are read here.
 """
 
 from __future__ import annotations
@@ -57,8 +59,45 @@ class _Day:
     reported: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
+@dataclass
+class _Tail:
+    """The new lines of a log file that Traefik appends to (and may start anew)."""
+
+    path: Path
+    inode: int | None = None
+    offset: int = 0
+    partial: bytes = b""
+
+    def skip_to_end(self) -> None:
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return
+        self.inode, self.offset = info.st_ino, info.st_size
+
+    def read_lines(self) -> list[bytes]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        try:
+            info = os.fstat(fd)
+            if info.st_ino != self.inode or info.st_size < self.offset:
+                # a new or truncated log (Traefik started again, or the log was rotated)
+                self.inode, self.offset, self.partial = info.st_ino, 0, b""
+            os.lseek(fd, self.offset, os.SEEK_SET)
+            data = os.read(fd, READ_LIMIT)
+        finally:
+            os.close(fd)
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        return [line for line in lines if line.strip()]
+
+
 class EgressMeter:
-    """Reads Traefik's access log and counts what left each server (module docstring)."""
+    """Reads Traefik's access log, and the WebSocket counter's log, and counts what left
+    each server (module docstring)."""
 
     def __init__(
         self,
@@ -66,50 +105,31 @@ class EgressMeter:
         *,
         record: Callable[..., None],
         report_bytes: Callable[[str], int],
+        websocket_log: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._path = access_log
+        self._access = _Tail(access_log)
+        self._websockets = _Tail(websocket_log) if websocket_log is not None else None
         self._record = record
         self._report_bytes = report_bytes
         self._clock = clock
-        self._inode: int | None = None
-        self._offset = 0
-        self._partial = b""
         self._day = _Day(date="")
         #: bytes and requests since the hub started, per (caller, server, route class)
         self.bytes: Counter[tuple[str, str, str]] = Counter()
         self.requests: Counter[tuple[str, str, str]] = Counter()
 
     def start_at_end(self) -> None:
-        """Skip what the log holds already (a restarted hub counts from its start)."""
-        try:
-            info = self._path.stat()
-        except FileNotFoundError:
-            return
-        self._inode, self._offset = info.st_ino, info.st_size
+        """Skip what the logs hold already (a restarted hub counts from its start)."""
+        self._access.skip_to_end()
+        if self._websockets is not None:
+            self._websockets.skip_to_end()
 
     def poll(self) -> int:
         """Count the lines written since the last poll; return how many were counted."""
-        try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return 0
-        try:
-            info = os.fstat(fd)
-            if info.st_ino != self._inode or info.st_size < self._offset:
-                # a new or truncated log (Traefik started again, or the log was rotated)
-                self._inode, self._offset, self._partial = info.st_ino, 0, b""
-            os.lseek(fd, self._offset, os.SEEK_SET)
-            data = os.read(fd, READ_LIMIT)
-        finally:
-            os.close(fd)
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        counted = 0
-        for line in lines:
-            if line.strip() and self.count(line):
-                counted += 1
+        counted = sum(1 for line in self._access.read_lines() if self.count(line))
+        if self._websockets is not None:
+            lines = self._websockets.read_lines()
+            counted += sum(1 for line in lines if self.count_websocket(line))
         return counted
 
     def count(self, line: bytes) -> bool:
@@ -129,6 +149,23 @@ class EgressMeter:
         self.requests[key] += 1
         EGRESS_BYTES.labels(*key).inc(sent)
         EGRESS_REQUESTS.labels(*key).inc()
+        self._add_to_day(key, sent)
+        return True
+
+    def count_websocket(self, line: bytes) -> bool:
+        """Count one line of the WebSocket counter (bytes an upgraded connection sent since
+        its last line); False if it is not for a connection the hub let through."""
+        try:
+            entry: dict[str, Any] = json.loads(line)
+        except ValueError:
+            return False
+        route, actor, owner = entry.get("route"), entry.get("actor"), entry.get("server")
+        sent = entry.get("bytes")
+        if not route or not actor or not owner or not isinstance(sent, int) or sent <= 0:
+            return False
+        key = (str(actor), str(owner), str(route))
+        self.bytes[key] += sent
+        EGRESS_BYTES.labels(*key).inc(sent)
         self._add_to_day(key, sent)
         return True
 

@@ -12,6 +12,7 @@ Built on jupyterhub-traefik-proxy (its file provider) and the Traefik binary fro
 - Traefik runs with a death signal tied to the hub (a hub killed with SIGKILL takes its
   proxy with it and the next hub starts a fresh one), logs to ``<state_dir>/logs``, writes
   a JSON access log without any header (no token, no cookie) for the egress accounting,
+  counts what WebSockets send with its ``wscount`` local plugin (``hub/proxy/wscount/``),
   and is started again within seconds if it exits on its own; the routes, kept in the
   dynamic configuration file, survive that.
 """
@@ -30,6 +31,10 @@ from traitlets import Integer, Unicode
 
 #: the middleware and transport names in Traefik's dynamic configuration
 ENFORCE_MIDDLEWARE = "ztlab-enforce"
+WSCOUNT_MIDDLEWARE = "ztlab-wscount"
+#: the WebSocket byte counter, a Traefik local plugin (Go, interpreted by Traefik)
+WSCOUNT_MODULE = "github.com/ztlab/wscount"
+WSCOUNT_SOURCE = Path(__file__).with_name("wscount")
 INTERNAL_TRANSPORT = "ztlab-internal"
 #: the cookie the enforcement point sets, which Traefik adds to the server's response
 SESSION_COOKIE = "ztlab-session"
@@ -64,6 +69,15 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
         help="""Traefik's JSON access log (no headers), read by the egress accounting.
 
         Added in 0.3.
+        """,
+    )
+
+    websocket_log_file = Unicode(
+        "",
+        config=True,
+        help="""Where the WebSocket byte counter (a Traefik plugin after the enforcement point)
+        appends what each upgraded connection sent, read by the egress accounting; empty: no
+        counter. Added in 0.3.
         """,
     )
 
@@ -118,7 +132,17 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
                     },
                 },
             }
+        if self.websocket_log_file:
+            _private_file(Path(self.websocket_log_file))
+            _install_plugin(self._traefik_directory())
+            self.static_config.setdefault("experimental", {})["localPlugins"] = {
+                WSCOUNT_MIDDLEWARE: {"moduleName": WSCOUNT_MODULE}
+            }
         await super()._setup_traefik_static_config()
+
+    def _traefik_directory(self) -> Path:
+        """Traefik's working directory (where it looks for ``plugins-local``)."""
+        return Path(self.static_config_file).resolve().parent
 
     async def _setup_traefik_dynamic_config(self) -> None:
         ca, cert, key = self._internal_tls()
@@ -136,6 +160,16 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
                 "addAuthCookiesToResponse": [SESSION_COOKIE],
             }
         }
+        if self.websocket_log_file:
+            http["middlewares"][WSCOUNT_MIDDLEWARE] = {
+                "plugin": {
+                    WSCOUNT_MIDDLEWARE: {
+                        "logFile": self.websocket_log_file,
+                        "flushBytes": 1 << 20,
+                        "flushSeconds": 5,
+                    }
+                }
+            }
         await super()._setup_traefik_dynamic_config()
 
     def _dynamic_config_for_route(
@@ -151,6 +185,8 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
         if data.get("user"):
             for router in http["routers"].values():
                 router["middlewares"] = [ENFORCE_MIDDLEWARE]
+                if self.websocket_log_file:  # after the decision: it reads its headers
+                    router["middlewares"].append(WSCOUNT_MIDDLEWARE)
         return traefik_config, jupyterhub_config
 
     # -- the process ----------------------------------------------------------------------
@@ -176,6 +212,7 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
                 stdout=log_fd,
                 stderr=STDOUT,
                 start_new_session=True,
+                cwd=self._traefik_directory(),
             )
         finally:
             os.close(log_fd)
@@ -215,3 +252,16 @@ def _private_file(path: Path) -> None:
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+def _install_plugin(directory: Path) -> None:
+    """Copy the WebSocket counter's source where Traefik loads local plugins from
+    (``plugins-local/src/MODULE`` under its working directory), readable by root only."""
+    plugins = directory / "plugins-local"
+    target = plugins / "src" / WSCOUNT_MODULE
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    plugins.chmod(0o700)
+    for name in ("wscount.go", "go.mod"):
+        (target / name).write_bytes((WSCOUNT_SOURCE / name).read_bytes())
+    # Traefik reads the manifest as .traefik.yml (a name the package data cannot carry)
+    (target / ".traefik.yml").write_bytes((WSCOUNT_SOURCE / "traefik.yml").read_bytes())

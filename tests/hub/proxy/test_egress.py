@@ -104,3 +104,25 @@ def test_each_multiple_of_the_report_size_is_recorded_once(tmp_path: Path) -> No
         handle.write(_line("/user/una/api/kernels", 9 * M, route="kernels"))
     meter.poll()
     assert [d["bytes_today"] for _, _, d in recorder.records] == [12 * M, 27 * M]
+
+
+def test_websocket_bytes_are_counted_from_the_counters_log(tmp_path: Path) -> None:
+    """Traefik logs 0 bytes for a WebSocket; the wscount plugin's lines carry them."""
+    access, websockets = tmp_path / "access.log", tmp_path / "websockets.log"
+    access.write_text(_line("/user/una/api/kernels/k/channels", 0, route="kernels"))
+    recorder = _Recorder()
+    meter = EgressMeter(
+        access,
+        record=recorder,
+        report_bytes=lambda actor: 2 * M,
+        websocket_log=websockets,
+        clock=lambda: DAY,
+    )
+    entry = {"actor": "una", "server": "una", "route": "kernels", "bytes": M}
+    lines = [json.dumps(entry), json.dumps({**entry, "bytes": M + 5})]
+    lines += [json.dumps({**entry, "actor": ""}), json.dumps({**entry, "bytes": "9"}), "{"]
+    websockets.write_text("\n".join(lines) + "\n")
+    assert meter.poll() == 3  # the access-log line (0 bytes) and two counter lines
+    assert meter.bytes[("una", "una", "kernels")] == 2 * M + 5
+    [(actor, action, detail)] = recorder.records
+    assert (actor, action, detail["routes"]) == ("una", "proxy.egress", {"kernels": 2 * M + 5})

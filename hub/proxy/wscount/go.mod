@@ -1,0 +1,3 @@
+module github.com/ztlab/wscount
+
+go 1.22
