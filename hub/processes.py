@@ -137,14 +137,13 @@ def die_with_parent(parent: int) -> None:
     """Ask the kernel to end this process (SIGTERM) when ``parent`` does; if ``parent`` is
     already gone, end now. Survives ``exec``, so a wrapper can set it for a program it runs."""
     import ctypes
-    import signal as signals
 
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
-    if libc.prctl(pr_set_pdeathsig, int(signals.SIGTERM), 0, 0, 0) != 0:
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:
-        os.kill(os.getpid(), signals.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -83,15 +83,12 @@ def _hub(c: Config, config: ZtlabConfig) -> None:
     c.JupyterHub.default_url = "/hub/home"
 
 
-def hub_api_address(plane: ControlPlane) -> str:
-    """Where the hub's own API listens: ``scheme://host:port`` (internal TLS: https).
-
-    With the sandbox, on the service address servers can reach (put on ``lo`` by the
-    plane); otherwise ``[hub] api_url``.
-    """
+def _hub_api_netloc(plane: ControlPlane) -> str:
+    """``host:port`` of the hub's own API: with the sandbox, on the service address servers
+    can reach (put on ``lo`` by the plane); otherwise as in ``[hub] api_url``."""
     api = urlsplit(plane.config.hub.api_url)
     host = plane.sandbox.segments.service_ip if plane.sandbox is not None else api.hostname
-    return f"https://{host}:{api.port or 8081}"
+    return f"{host}:{api.port or 8081}"
 
 
 def _proxy(c: Config, plane: ControlPlane) -> None:
@@ -114,7 +111,8 @@ def _proxy(c: Config, plane: ControlPlane) -> None:
     proxy.websocket_log_file = str(state / "proxy-websocket.log")
     proxy.pid_file = str(state / "proxy.pid")
     proxy.traefik_log_level = "WARN"
-    proxy.enforce_url = hub_api_address(plane) + "/hub/ztlab/enforce"
+    # internal TLS: the hub's API speaks https
+    proxy.enforce_url = f"https://{_hub_api_netloc(plane)}/hub/ztlab/enforce"
 
 
 def _sessions(c: Config, config: ZtlabConfig) -> None:
@@ -192,7 +190,7 @@ def _servers(c: Config, plane: ControlPlane) -> None:
     if plane.sandbox is not None:
         segments = plane.sandbox.segments
         api = urlsplit(config.hub.api_url)
-        c.JupyterHub.hub_bind_url = f"{api.scheme}://{segments.service_ip}:{api.port or 8081}"
+        c.JupyterHub.hub_bind_url = f"{api.scheme}://{_hub_api_netloc(plane)}"
         c.JupyterHub.trusted_alt_names = [f"IP:{segments.service_ip}"]
         c.JupyterHub.spawner_class = SANDBOX_SPAWNER
         c.Spawner.poll_interval = 10  # a server past its GPU lease is stopped within ~10 s

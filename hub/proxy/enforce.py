@@ -31,10 +31,11 @@ Refusals are always recorded (``proxy.refused``); allowed requests are summed up
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 from urllib.parse import parse_qs, quote, urlsplit
@@ -118,7 +119,7 @@ class Enforcer:
             decision = cached
         else:
             decision = await self._decide(target, method, credential)
-            decision = Decision(**{**_fields(decision), "until": now + self._cache_seconds})
+            decision = replace(decision, until=now + self._cache_seconds)
             if len(self._cache) > 10_000:
                 self._cache = {k: v for k, v in self._cache.items() if v.until > now}
             self._cache[key] = decision
@@ -261,10 +262,6 @@ class Enforcer:
             self._plane.record(actor, "proxy.access.summary", server=owner, requests=routes)
 
 
-def _fields(decision: Decision) -> dict[str, Any]:
-    return {name: getattr(decision, name) for name in Decision.__slots__}
-
-
 @dataclass(frozen=True, slots=True)
 class Credential:
     """What the request brought to prove who it is."""
@@ -385,7 +382,7 @@ class EnforceHandler(web.RequestHandler):
         self.set_status(status)
         if _is_browser(self.request.headers):
             self.set_header("Content-Type", "text/html; charset=utf-8")
-            self.finish(_REFUSAL_PAGE.format(status=status, message=_escape(message)))
+            self.finish(_REFUSAL_PAGE.format(status=status, message=html.escape(message)))
         else:
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps({"status": status, "message": message}))
@@ -433,10 +430,6 @@ def _is_browser(headers: Any) -> bool:
     if headers.get("Sec-Fetch-Mode") == "navigate":
         return True
     return "text/html" in headers.get("Accept", "")
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 _REFUSAL_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Refused</title>

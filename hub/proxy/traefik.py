@@ -29,6 +29,8 @@ from jupyterhub_traefik_proxy.fileprovider import TraefikFileProviderProxy
 from tornado.ioloop import PeriodicCallback
 from traitlets import Integer, Unicode
 
+from ztlab.hub.private import state_directory, state_file
+
 #: the middleware and transport names in Traefik's dynamic configuration
 ENFORCE_MIDDLEWARE = "ztlab-enforce"
 WSCOUNT_MIDDLEWARE = "ztlab-wscount"
@@ -116,7 +118,7 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
             "transport": {"respondingTimeouts": {"readTimeout": "0s", "writeTimeout": "0s"}}
         }
         if self.access_log_file:
-            _private_file(Path(self.access_log_file))
+            state_file(Path(self.access_log_file))
             self.static_config["accessLog"] = {
                 "filePath": self.access_log_file,
                 "format": "json",
@@ -133,7 +135,7 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
                 },
             }
         if self.websocket_log_file:
-            _private_file(Path(self.websocket_log_file))
+            state_file(Path(self.websocket_log_file))
             _install_plugin(self._traefik_directory())
             self.static_config.setdefault("experimental", {})["localPlugins"] = {
                 WSCOUNT_MIDDLEWARE: {"moduleName": WSCOUNT_MODULE}
@@ -244,23 +246,11 @@ class ZtlabProxy(TraefikFileProviderProxy):  # type: ignore[misc]
         await super().stop()
 
 
-def _private_file(path: Path) -> None:
-    """Create ``path`` readable by the control plane only (or make it so): Traefik appends to
-    a file that exists and would create its own with a wider mode."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-
-
 def _install_plugin(directory: Path) -> None:
     """Copy the WebSocket counter's source where Traefik loads local plugins from
     (``plugins-local/src/MODULE`` under its working directory), readable by root only."""
-    plugins = directory / "plugins-local"
-    target = plugins / "src" / WSCOUNT_MODULE
+    target = state_directory(directory / "plugins-local") / "src" / WSCOUNT_MODULE
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
-    plugins.chmod(0o700)
     for name in ("wscount.go", "go.mod"):
         (target / name).write_bytes((WSCOUNT_SOURCE / name).read_bytes())
     # Traefik reads the manifest as .traefik.yml (a name the package data cannot carry)
