@@ -403,6 +403,30 @@ def wait_ready(stack: LoginStack, user: str, token: str, timeout: float = 120) -
     )
 
 
+def server_get(stack: LoginStack, user: str, path: str, token: str) -> requests.Response:
+    """``GET /user/USER/PATH`` through the hub's public address with an API ``token``
+    (redirects not followed: an answer of the enforcement point is seen as it is)."""
+    return requests.get(
+        f"{stack.hub_url}/user/{user}/{path}",
+        headers={"Authorization": f"token {token}"},
+        allow_redirects=False,
+        timeout=60,
+    )
+
+
+def proxy_refusals(stack: LoginStack, since: int, at_least: int = 1) -> list[dict[str, Any]]:
+    """The ``proxy.refused`` records from ``since`` on, as ``{"actor": ..., **detail}``
+    (they are queued: wait up to 10 s for ``at_least`` of them)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [
+            {"actor": r.actor, **r.detail} for r in stack.records("proxy.refused") if r.seq >= since
+        ]
+        if len(found) >= at_least or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def stop_server(stack: LoginStack, user: str, token: str) -> None:
     """Stop ``user``'s server and wait until the hub says it has stopped."""
     requests.delete(

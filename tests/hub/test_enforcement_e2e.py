@@ -43,8 +43,10 @@ from tests.hubstack import (
     LoginStack,
     hub_token,
     provider_user,
+    proxy_refusals,
     remove_accounts,
     running_stack,
+    server_get,
     spawn_server,
     stop_server,
     wait_ready,
@@ -180,18 +182,6 @@ def servers(stack: LoginStack, tokens: dict[str, str]) -> dict[str, str]:
     return tokens
 
 
-def _refusals(stack: LoginStack, since: int, at_least: int = 1) -> list[dict[str, object]]:
-    """The ``proxy.refused`` records after ``since`` (they are queued: wait for some)."""
-    deadline = time.monotonic() + 10
-    while True:
-        found = [
-            {"actor": r.actor, **r.detail} for r in stack.records("proxy.refused") if r.seq >= since
-        ]
-        if len(found) >= at_least or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
-
-
 def _server_process(user: str) -> int:
     uid = pwd.getpwnam(f"ztl-{user}").pw_uid
     for proc in Path("/proc").iterdir():
@@ -237,7 +227,7 @@ def test_no_credentials_http_is_refused_and_audited(
     assert page.headers["Location"].startswith(
         f"{stack.hub_url}/hub/ztlab/enforce/session?next=%2Fuser%2Funa%2Ffiles%2Fsecret.csv"
     )
-    refused = _refusals(stack, since, at_least=5)
+    refused = proxy_refusals(stack, since, at_least=5)
     assert {(r["actor"], r["route"], r["reason"]) for r in refused} >= {
         ("anonymous", "files", "anonymous"),
         ("anonymous", "other", "anonymous"),
@@ -271,7 +261,7 @@ def test_websockets_need_the_owners_credentials(stack: LoginStack, servers: dict
         assert _kernel_ws(stack, "una", kernel.kernel_id, other) == 403
         own = {"Authorization": f"token {servers['una']}"}
         assert _kernel_ws(stack, "una", kernel.kernel_id, own) == 101
-        refused = _refusals(stack, since, at_least=2)
+        refused = proxy_refusals(stack, since, at_least=2)
         assert {(r["actor"], r["route"]) for r in refused} == {
             ("anonymous", "kernels"),
             ("otto", "kernels"),
@@ -291,11 +281,7 @@ def test_the_access_log_keeps_no_credential(stack: LoginStack, servers: dict[str
     assert refused.headers["X-Ztlab-Decision"] == "sign-in"
     answer = requests.get(url, headers={"Sec-Fetch-Mode": "websocket"}, timeout=30)
     assert answer.status_code == 200
-    answer = requests.get(
-        f"{stack.hub_url}/user/una/api/status",
-        headers={"Authorization": f"token {token}"},
-        timeout=30,
-    )
+    answer = server_get(stack, "una", "api/status", token)
     assert answer.status_code == 200
     log = stack.state_dir / "hub" / "proxy-access.log"
     deadline = time.monotonic() + 10
@@ -311,22 +297,14 @@ def test_the_access_log_keeps_no_credential(stack: LoginStack, servers: dict[str
 
 def test_another_users_token_is_refused(stack: LoginStack, servers: dict[str, str]) -> None:
     since = stack.audit_size()
-    answer = requests.get(
-        f"{stack.hub_url}/user/una/files/secret.csv",
-        headers={"Authorization": f"token {servers['otto']}"},
-        timeout=30,
-    )
+    answer = server_get(stack, "una", "files/secret.csv", servers["otto"])
     assert answer.status_code == 403
     # the hub's scopes refuse it first (otto's token holds access:servers!user=otto only)
     assert "lacks the access:servers scope" in answer.json()["message"]
-    [refusal] = _refusals(stack, since)
+    [refusal] = proxy_refusals(stack, since)
     assert (refusal["actor"], refusal["reason"]) == ("otto", "token-scope")
     # the same token reaches its own server
-    own = requests.get(
-        f"{stack.hub_url}/user/otto/api/status",
-        headers={"Authorization": f"token {servers['otto']}"},
-        timeout=30,
-    )
+    own = server_get(stack, "otto", "api/status", servers["otto"])
     assert own.status_code == 200
 
 
@@ -360,7 +338,7 @@ def test_another_users_session_cookie_is_refused(
     hub_cookies = {c.name: c.value for c in otto.cookies if c.name != "ztlab-session"}
     answer = requests.get(f"{stack.hub_url}/user/una/api/status", cookies=hub_cookies, timeout=30)
     assert answer.status_code == 401
-    refused = _refusals(stack, since, at_least=2)
+    refused = proxy_refusals(stack, since, at_least=2)
     assert ("otto", "policy: own-server-use-only") in {(r["actor"], r["reason"]) for r in refused}
 
 
@@ -382,14 +360,10 @@ def test_a_token_without_access_servers_is_refused(
 ) -> None:
     token = _scoped_token(stack, "una", scopes=[DATA_SCOPE], expires_in=600)
     since = stack.audit_size()
-    answer = requests.get(
-        f"{stack.hub_url}/user/una/api/status",
-        headers={"Authorization": f"token {token}"},
-        timeout=30,
-    )
+    answer = server_get(stack, "una", "api/status", token)
     assert answer.status_code == 403
     assert "lacks the access:servers scope" in answer.json()["message"]
-    [refusal] = _refusals(stack, since)
+    [refusal] = proxy_refusals(stack, since)
     assert (refusal["actor"], refusal["reason"]) == ("una", "token-scope")
 
 
@@ -397,13 +371,9 @@ def test_an_expired_token_is_refused(stack: LoginStack, servers: dict[str, str])
     token = _scoped_token(stack, "una", expires_in=1)
     time.sleep(2.5)
     since = stack.audit_size()
-    answer = requests.get(
-        f"{stack.hub_url}/user/una/api/status",
-        headers={"Authorization": f"token {token}"},
-        timeout=30,
-    )
+    answer = server_get(stack, "una", "api/status", token)
     assert answer.status_code == 401
-    [refusal] = _refusals(stack, since)
+    [refusal] = proxy_refusals(stack, since)
     assert refusal["reason"] in ("expired-token", "bad-token")
 
 
@@ -417,7 +387,7 @@ def test_sessions_end_with_age_sign_out_and_tampering(
     flipped = value[:-3] + ("A" if value[-3] != "A" else "B") + value[-2:]
     since = stack.audit_size()
     assert requests.get(url, cookies={"ztlab-session": flipped}, timeout=30).status_code == 401
-    assert _refusals(stack, since)[0]["reason"] == "session-expired"
+    assert proxy_refusals(stack, since)[0]["reason"] == "session-expired"
     # past the hub session's maximum age: the browser is sent to sign in again
     time.sleep(SESSION_MAX_AGE + 1)
     since = stack.audit_size()
@@ -430,7 +400,7 @@ def test_sessions_end_with_age_sign_out_and_tampering(
     )
     assert again.status_code == 302
     assert "/hub/ztlab/enforce/session?next=" in again.headers["Location"]
-    assert _refusals(stack, since)[0]["reason"] == "session-max-age"
+    assert proxy_refusals(stack, since)[0]["reason"] == "session-max-age"
     # signed out: the hub's cookie id rotates and the session is over at once
     fresh = _browser_session(stack, "una")
     value = fresh.cookies.get("ztlab-session", path="/user/una/")
@@ -438,7 +408,7 @@ def test_sessions_end_with_age_sign_out_and_tampering(
     time.sleep(5.5)  # past the decision cache
     since = stack.audit_size()
     assert requests.get(url, cookies={"ztlab-session": value}, timeout=30).status_code == 401
-    assert _refusals(stack, since)[0]["reason"] == "session-ended"
+    assert proxy_refusals(stack, since)[0]["reason"] == "session-ended"
 
 
 # -- what the server loads --------------------------------------------------------------------

@@ -28,8 +28,10 @@ from tests.hubstack import (
     browser_page,
     hub_token,
     provider_user,
+    proxy_refusals,
     remove_accounts,
     running_stack,
+    server_get,
     spawn_server,
     wait_ready,
 )
@@ -102,24 +104,6 @@ def tokens(stack: LoginStack) -> dict[str, str]:
     return tokens
 
 
-def _get(stack: LoginStack, user: str, path: str, token: str) -> requests.Response:
-    return requests.get(
-        f"{stack.hub_url}/user/{user}/{path}",
-        headers={"Authorization": f"token {token}"},
-        allow_redirects=False,
-        timeout=60,
-    )
-
-
-def _refused(stack: LoginStack, since: int, count: int) -> list[Any]:
-    deadline = time.monotonic() + 10
-    while True:
-        found = [r for r in stack.records("proxy.refused") if r.seq >= since]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
-
-
 def test_raw_file_routes_are_refused_with_the_rules_message(
     stack: LoginStack, tokens: dict[str, str]
 ) -> None:
@@ -133,22 +117,22 @@ def test_raw_file_routes_are_refused_with_the_rules_message(
         "api/contents/nb.ipynb?type=file&format=text",
     )
     for path in refused_paths:
-        answer = _get(stack, "vio", path, tokens["vio"])
+        answer = server_get(stack, "vio", path, tokens["vio"])
         assert answer.status_code == 403, (path, answer.status_code)
         assert VIEWER_RULE in answer.json()["message"]
         assert answer.headers["X-Ztlab-Decision"] == "refuse"
         assert "52000" not in answer.text
-    records = _refused(stack, since, len(refused_paths))
-    assert {(r.actor, r.detail["reason"]) for r in records} == {
-        ("vio", "rule: roles.viewer.raw_files")
-    }
+    records = proxy_refusals(stack, since, len(refused_paths))
+    assert {(r["actor"], r["reason"]) for r in records} == {("vio", "rule: roles.viewer.raw_files")}
     # notebooks, listings and metadata still go through
-    notebook = _get(stack, "vio", "api/contents/nb.ipynb?type=notebook&content=1", tokens["vio"])
+    notebook = server_get(
+        stack, "vio", "api/contents/nb.ipynb?type=notebook&content=1", tokens["vio"]
+    )
     assert notebook.status_code == 200
     assert notebook.json()["type"] == "notebook"
-    listing = _get(stack, "vio", "api/contents?content=1", tokens["vio"])
+    listing = server_get(stack, "vio", "api/contents?content=1", tokens["vio"])
     assert {item["name"] for item in listing.json()["content"]} >= {"secret.csv", "nb.ipynb"}
-    meta = _get(stack, "vio", "api/contents/secret.csv?content=0", tokens["vio"])
+    meta = server_get(stack, "vio", "api/contents/secret.csv?content=0", tokens["vio"])
     assert meta.status_code == 200
     assert meta.json()["content"] is None
 
@@ -157,25 +141,25 @@ def test_a_size_rule_checks_the_file_the_server_would_send(
     stack: LoginStack, tokens: dict[str, str]
 ) -> None:
     token = tokens["tara"]
-    assert _get(stack, "tara", "files/secret.csv", token).status_code == 200
-    assert _get(stack, "tara", "files/medium.csv", token).status_code == 200
+    assert server_get(stack, "tara", "files/secret.csv", token).status_code == 200
+    assert server_get(stack, "tara", "files/medium.csv", token).status_code == 200
     since = stack.audit_size()
-    big = _get(stack, "tara", "files/big.bin", token)
+    big = server_get(stack, "tara", "files/big.bin", token)
     assert big.status_code == 403
     assert big.json()["message"] == (
         "big.bin is 2 MiB; your roles allow raw files up to 1 MiB (rule [roles.trainer] "
         'raw_files = "1M").'
     )
     # a link to the big file is judged by what it points to, inside the sandbox
-    assert _get(stack, "tara", "files/alias.csv", token).status_code == 403
+    assert server_get(stack, "tara", "files/alias.csv", token).status_code == 403
     assert (
-        _get(stack, "tara", "api/contents/big.bin?type=file&format=base64", token).status_code
+        server_get(stack, "tara", "api/contents/big.bin?type=file&format=base64", token).status_code
         == 403
     )
-    records = _refused(stack, since, 3)
-    assert {r.detail["reason"] for r in records} == {"rule: roles.trainer.raw_files"}
+    records = proxy_refusals(stack, since, 3)
+    assert {r["reason"] for r in records} == {"rule: roles.trainer.raw_files"}
     # a missing file is the server's 404, not a refusal
-    assert _get(stack, "tara", "files/nothing.csv", token).status_code == 404
+    assert server_get(stack, "tara", "files/nothing.csv", token).status_code == 404
 
 
 def test_egress_past_the_roles_report_size_is_audited(
@@ -183,7 +167,7 @@ def test_egress_past_the_roles_report_size_is_audited(
 ) -> None:
     since = stack.audit_size()
     for _ in range(3):  # 3 x 900 KiB passes the trainer's 2M once more today
-        assert _get(stack, "tara", "files/medium.csv", tokens["tara"]).status_code == 200
+        assert server_get(stack, "tara", "files/medium.csv", tokens["tara"]).status_code == 200
     record = stack.wait_record("proxy.egress", actor="tara", since=since, timeout=15)
     assert record.detail["server"] == "tara"
     assert record.detail["report_every"] == 2 * M
@@ -252,7 +236,7 @@ def test_notebooks_open_run_and_save_while_raw_files_are_refused(
 ) -> None:
     # chromium fetches the favicon outside the page's view of requests: its size, to tell
     # those fetches apart from the page's
-    favicon = len(_get(stack, "vio", "static/favicons/favicon.ico", tokens["vio"]).content)
+    favicon = len(server_get(stack, "vio", "static/favicons/favicon.ico", tokens["vio"]).content)
     time.sleep(2.5)  # the earlier requests are counted (the meter polls every second)
     before = _egress_metrics(stack, tokens["ada"], "vio")
     received: list[Any] = []
