@@ -308,6 +308,8 @@ def hub_client(hub_url: str | None, token_file: Path | None, config_path: Path) 
             "no hub API token",
             hint="make one on the hub's Token page and pass --token-file, or set ZTLAB_TOKEN",
         )
+    if token_file is None and hub_url and hub_url == os.environ.get("JUPYTERHUB_API_URL"):
+        return HubAPI.from_environment()  # in a user's server: its token and TLS settings
     if not hub_url:
         from ztlab.common.config import load_config
 

@@ -30,11 +30,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "data": ("ztlab.cli.data:data_group", "Fingerprint and verify datasets (manifests)."),
     "down": ("ztlab.cli.up:down_command", "Stop what `ztlab up` started."),
+    "env": (
+        "ztlab.cli.env:env_group",
+        "Define, build, verify and retire kernel environments.",
+    ),
     "hub": ("ztlab.cli.hub:hub_command", "Run the hub (JupyterHub, proxy, MFA login) here."),
     "k8s": ("ztlab.cli.k8s:k8s_group", "Render roles, quotas and pools for Kubernetes."),
     "model": (
         "ztlab.cli.model:model_group",
         "Sign and verify model directories (model-signing format).",
+    ),
+    "packages": (
+        "ztlab.cli.packages:packages_group",
+        "Ask for packages; decide requests (admins).",
     ),
     "policy": (
         "ztlab.cli.policy:policy_group",

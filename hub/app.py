@@ -21,9 +21,10 @@ stopped, a final audit checkpoint signed).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
 
     enforcer: Enforcer | None = None
     egress: EgressMeter | None = None
+    package_gateway: Any = None
 
     ztlab_settings = Instance(
         Config,
@@ -128,10 +130,12 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         return adopted
 
     async def start(self) -> None:
-        """Start JupyterHub, and watch the plane's service processes."""
-        await super().start()
+        """Start the package gateway and JupyterHub, and watch the plane's service processes."""
         plane = self.control_plane
         assert plane is not None
+        if plane.mirror is not None:
+            self.start_package_gateway(plane)  # before the API answers: builds need it
+        await super().start()
         watch = PeriodicCallback(plane.watch_services, SERVICE_CHECK_SECONDS * 1000)
         self._periodic_callbacks["ztlab-services"] = watch
         watch.start()
@@ -152,6 +156,56 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
             self._periodic_callbacks["ztlab-egress"] = meter
             meter.start()
 
+    def start_package_gateway(self, plane: ControlPlane) -> None:
+        """The sandboxes' route to packages, on the service address (see
+        :mod:`ztlab.hub.packages.gateway`); environment builds install through it."""
+        from ztlab.hub.identity import granted_roles
+        from ztlab.hub.packages.gateway import PackageGateway
+
+        assert plane.mirror is not None
+        assert plane.package_requests is not None
+        config = plane.config
+
+        async def roles_of(name: str) -> frozenset[str]:
+            try:
+                user = self.users[name]
+            except KeyError:
+                return frozenset()
+            return granted_roles(await user.get_auth_state() or {})
+
+        def users_by_address() -> dict[str, str]:
+            if plane.sandbox is None:
+                return {}
+            segments = plane.sandbox.segments
+            found = {}
+            for name in segments.users():
+                netns = segments.get(name)
+                if netns is not None:
+                    found[netns.sandbox_ip] = name
+            return found
+
+        gateway = PackageGateway(
+            mirror=plane.mirror,
+            requests=plane.package_requests,
+            role_rules={name: list(role.packages) for name, role in config.roles.items()},
+            roles_of=roles_of,
+            users_by_address=users_by_address,
+            record=plane.record,
+            flush=plane.flush,
+            temp_dir=config.state_dir / "packages" / "tmp",
+        )
+        address = package_address(plane)
+        gateway.listen(address, config.packages.port)
+        self.package_gateway = gateway
+        if plane.environments is not None:
+
+            @contextlib.contextmanager
+            def index_for(label: str) -> Iterator[str]:
+                with gateway.build_token(label) as token:
+                    yield f"http://build:{token}@{address}:{config.packages.port}/simple/"
+
+            plane.environments.index_for = index_for
+
     def _poll_egress(self) -> None:
         if self.egress is not None:
             self.egress.poll()
@@ -171,10 +225,18 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         finally:
             if self.egress is not None:
                 self.egress.poll()
+            if self.package_gateway is not None:
+                self.package_gateway.stop()
             if self.enforcer is not None:
                 self.enforcer.flush_summary()
             if self.control_plane is not None:
                 self.control_plane.close()
+
+
+def package_address(plane: ControlPlane) -> str:
+    """Where the package gateway listens: the sandboxes' service address (127.0.0.1 on a
+    hub without sandboxes)."""
+    return plane.sandbox.segments.service_ip if plane.sandbox is not None else "127.0.0.1"
 
 
 def _optional_path(value: str) -> Path | None:
@@ -203,6 +265,10 @@ def run_hub(config_path: Path, argv: Sequence[str] = ()) -> None:
         from ztlab.hub.models.server import ModelServer
 
         ModelServer(config, config_source=source).prepare()  # before anything changes
+    if config.packages.enabled:
+        from ztlab.hub.packages import PackageMirror
+
+        PackageMirror(config, config_source=source).prepare()
     os.chdir(state_directory(config.state_dir / "hub"))
     plane = ControlPlane.open(config, source=source)
     try:

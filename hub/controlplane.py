@@ -38,10 +38,12 @@ from ztlab.hub.policy import PolicyEngine
 from ztlab.hub.private import private_directory
 
 if TYPE_CHECKING:
+    from ztlab.hub.environments import EnvironmentService
     from ztlab.hub.gpu.backend import LeaseBackend
     from ztlab.hub.gpu.inventory import Inventory
     from ztlab.hub.models.server import ModelServer
     from ztlab.hub.models.service import ModelService
+    from ztlab.hub.packages import PackageMirror, PackageRequests
     from ztlab.hub.sandbox.cgroups import CgroupManager
     from ztlab.hub.sandbox.netns import NetworkSegments
 
@@ -99,6 +101,9 @@ class ControlPlane:
         sandbox: Sandboxing | None,
         inventory: Inventory | None,
         leases: LeaseBackend | None,
+        environments: EnvironmentService | None = None,
+        mirror: PackageMirror | None = None,
+        package_requests: PackageRequests | None = None,
     ) -> None:
         """Use :meth:`open`; this takes services that are already open."""
         self.config = config
@@ -111,6 +116,9 @@ class ControlPlane:
         self.sandbox = sandbox
         self.inventory = inventory
         self.leases = leases
+        self.environments = environments
+        self.mirror = mirror
+        self.package_requests = package_requests
         #: the sink every service records through (catalogued events only)
         self.events = CataloguedSink(audit)
         self._closed = False
@@ -169,6 +177,8 @@ class ControlPlane:
             inventory, leases = _gpus(config, source, policy, events)
             if leases is not None:
                 opened.append(leases)
+            environments, mirror, package_requests = _packages(config, source, policy, events)
+            opened += [s for s in (environments, package_requests) if s is not None]
         except BaseException:
             for service in reversed(opened):
                 service.close()
@@ -184,6 +194,9 @@ class ControlPlane:
             sandbox=sandbox,
             inventory=inventory,
             leases=leases,
+            environments=environments,
+            mirror=mirror,
+            package_requests=package_requests,
         )
         plane.record(
             SYSTEM_ACTOR,
@@ -205,6 +218,8 @@ class ControlPlane:
             names.append("sandbox")
         if self.leases is not None:
             names.append("gpu-leases")
+        if self.mirror is not None:
+            names += ["packages", "environments"]
         return names
 
     # -- auditing ------------------------------------------------------------------------
@@ -223,20 +238,22 @@ class ControlPlane:
         """Start the processes the plane runs (MLflow), stopping what a crashed hub left."""
         if self.model_server is not None:
             self.model_server.start()
+        if self.mirror is not None:
+            self.mirror.start()
 
     def watch_services(self) -> None:
         """Start again a service process that exited (called periodically by the hub)."""
-        server = self.model_server
-        if server is not None and not server.running():
-            status = server.exit_status()
-            server.start()
-            self.record(
-                SYSTEM_ACTOR,
-                "control_plane.service_restarted",
-                service="mlflow",
-                exit_status=status,
-                log=str(server.log_file),
-            )
+        for name, server in (("mlflow", self.model_server), ("devpi", self.mirror)):
+            if server is not None and not server.running():
+                status = server.exit_status()
+                server.start()
+                self.record(
+                    SYSTEM_ACTOR,
+                    "control_plane.service_restarted",
+                    service=name,
+                    exit_status=status,
+                    log=str(server.log_file),
+                )
 
     # -- restart safety --------------------------------------------------------------------
 
@@ -288,6 +305,11 @@ class ControlPlane:
         try:
             if self.model_server is not None:
                 self.model_server.stop()
+            if self.mirror is not None:
+                self.mirror.stop()
+            for service in (self.environments, self.package_requests):
+                if service is not None:
+                    service.close()
             if self.leases is not None:
                 self.leases.close()
             self.totp.close()
@@ -343,6 +365,29 @@ def _models(
         artifacts_destination=config.models.artifacts_destination or None,
     )
     return service, server
+
+
+def _packages(
+    config: ZtlabConfig, source: str, policy: PolicyEngine, events: CataloguedSink
+) -> tuple[EnvironmentService | None, PackageMirror | None, PackageRequests | None]:
+    """The package mirror, the request store and the environment service (``[packages]``:
+    environments are built through the package proxy, so they come with it)."""
+    if not config.packages.enabled:
+        return None, None, None
+    from ztlab.hub.environments import EnvironmentRegistry, EnvironmentService
+    from ztlab.hub.packages import PackageMirror, PackageRequests
+
+    def record(actor: str, action: str, **detail: Any) -> None:
+        events.record(actor=actor, action=action, detail=detail)
+
+    requests = PackageRequests(config.state_dir / "packages" / "requests.sqlite")
+    environments = EnvironmentService(
+        config,
+        policy=policy,
+        record=record,
+        registry=EnvironmentRegistry(config.state_dir / "environments"),
+    )
+    return environments, PackageMirror(config, config_source=source), requests
 
 
 def _sandboxing(config: ZtlabConfig) -> Sandboxing:

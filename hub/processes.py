@@ -10,15 +10,17 @@ unrelated process after a crash or a reboot: such a pid file is stale, never a t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ztlab.common.errors import ZtlabError
+from ztlab.common.errors import UsageError, ZtlabError
 
 
 class ProcessError(ZtlabError):
@@ -107,6 +109,22 @@ class ManagedProcess:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+def check_port_free(port: int, *, key: str, source: str) -> None:
+    """Refuse to start a service when another process holds ``port`` on 127.0.0.1 (the
+    service would fail to bind and be started again forever); ``key`` names the setting."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise UsageError(
+                f"{source}: {key}: port {port} on 127.0.0.1 is in use by another process",
+                hint=f"stop it (`ss -ltnp 'sport = :{port}'` names it) or set {key} to a free port",
+            ) from exc
 
 
 def _start_time(pid: int) -> int | None:

@@ -157,7 +157,9 @@ class HubProcess:
         from ztlab.common.config import load_config
         from ztlab.hub.processes import ManagedProcess
 
-        ManagedProcess("mlflow", load_config(self.config).state_dir).stop()
+        state_dir = load_config(self.config).state_dir
+        ManagedProcess("mlflow", state_dir).stop()
+        ManagedProcess("devpi", state_dir).stop()
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
@@ -188,9 +190,12 @@ def write_config(
     models_extra: str = "",
     session_max_age: int = 8,
     extra_groups: dict[str, list[str]] | None = None,
+    packages: str | None = None,
+    environments: Path | None = None,
 ) -> None:
     """A ztlab.toml for a test stack; ``extra`` is appended (whole TOML tables) and
-    ``extra_groups`` maps more provider groups to roles."""
+    ``extra_groups`` maps more provider groups to roles. ``packages``: the upstream index
+    the package proxy mirrors (``None``: no package proxy); ``environments``: their root."""
     groups = "".join(
         f"{group} = [{', '.join(repr(role) for role in roles)}]\n".replace("'", '"')
         for group, roles in (extra_groups or {}).items()
@@ -230,6 +235,15 @@ enabled = {"true" if models else "false"}
 mlflow_port = {free_port()}
 {models_extra}
 
+[packages]
+enabled = {"true" if packages else "false"}
+port = {free_port()}
+devpi_port = {free_port()}
+upstream = "{packages or "https://pypi.org/simple/"}"
+
+[environments]
+root = "{environments or state / "envs"}"
+
 {extra}
 """
     )
@@ -247,6 +261,8 @@ def running_stack(
     models_extra: str = "",
     session_max_age: int = 8,
     extra_groups: dict[str, list[str]] | None = None,
+    packages: str | None = None,
+    environments: Path | None = None,
 ) -> Iterator[LoginStack]:
     """Start provider, tampering proxy and hub under ``root``; stop them all on exit.
 
@@ -303,6 +319,8 @@ def running_stack(
         models_extra=models_extra,
         session_max_age=session_max_age,
         extra_groups=extra_groups,
+        packages=packages,
+        environments=environments,
     )
     hub = HubProcess(config=config, log=root / "hub.log", health=f"{hub_url}/hub/health")
     try:

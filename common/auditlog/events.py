@@ -82,6 +82,14 @@ _DATASET_REPORT = {
     "reported_by": "``kernel``",
 }
 
+
+_PACKAGE_FILE = {
+    "project": "the project (normalised name)",
+    "version": "the file's version (``null`` when its name has none)",
+    "filename": "the file asked for",
+    "source_ip": "the caller's address (a user's sandbox, or the build's)",
+}
+_ENV = {"environment": "the environment's name"}
 _TYPES: tuple[EventType, ...] = (
     # -- the control plane itself --
     EventType(
@@ -418,6 +426,96 @@ _TYPES: tuple[EventType, ...] = (
         "Someone tried to move a protected alias through MLflow's own API.",
         _USER,
         {"model": "the registered model", "alias": "the alias"},
+    ),
+    EventType(
+        "package.served",
+        "The package gateway served a file, its hash checked against the index.",
+        "the user, or ``environment NAME build N (by ADMIN)`` for a build",
+        {
+            **_PACKAGE_FILE,
+            "sha256": "the file's SHA-256 (equal to the index's)",
+            "size": "bytes",
+            "rule": "the allowlist rule that allowed it, and its source",
+        },
+    ),
+    EventType(
+        "package.refused",
+        "The package gateway refused a file: off the allowlist, or its hash differs.",
+        "the user, or the build",
+        {
+            **_PACKAGE_FILE,
+            "reason": "the message the caller got",
+            "sha256": "the SHA-256 of what the mirror gave (hash mismatch only)",
+            "expected": "the SHA-256 the index lists (hash mismatch only)",
+        },
+        frozenset({"sha256", "expected"}),
+    ),
+    EventType(
+        "package.requested",
+        "A user asked for a package to be added to the allowlist.",
+        _USER,
+        {"request": "request id", "requirement": "what was asked for", "reason": "why"},
+    ),
+    EventType(
+        "package.request_decided",
+        "An admin approved or denied a package request.",
+        "the admin",
+        {
+            "request": "request id",
+            "requirement": "what was asked for",
+            "user": "who asked",
+            "decision": "``approved`` or ``denied``",
+            "scope": "who the approval allows (``user:NAME`` or ``role:NAME``)",
+            "note": "the admin's note",
+        },
+    ),
+    EventType(
+        "environment.defined",
+        "An environment was defined or redefined.",
+        "the admin (``ztlab-hub`` for the shipped ones)",
+        {**_ENV, "requirements": "its requirements", "layer_on": "interpreter it layers on"},
+    ),
+    EventType(
+        "environment.build_started",
+        "A build of an environment started.",
+        "the admin",
+        {**_ENV, "build": "build number", "layer_on": "interpreter it layers on"},
+    ),
+    EventType(
+        "environment.built",
+        "A build finished; its lock was written.",
+        "the admin who started it",
+        {
+            **_ENV,
+            "build": "build number",
+            "digest": "the lock's digest (what lineage records)",
+            "files": "files in the build's folder",
+            "distributions": "distributions the environment sees",
+        },
+    ),
+    EventType(
+        "environment.build_failed",
+        "A build failed (the step and the message).",
+        "the admin who started it",
+        {**_ENV, "build": "build number", "error": "what failed"},
+    ),
+    EventType(
+        "environment.retired",
+        "An environment was retired (running kernels keep it).",
+        "the admin",
+        _ENV,
+    ),
+    EventType(
+        "environment.verified",
+        "A build was compared with its lock.",
+        "the admin",
+        {
+            **_ENV,
+            "build": "build number",
+            "digest": "the lock's digest",
+            "ok": "whether everything matched",
+            "problems": "the first differences",
+        },
     ),
 )
 

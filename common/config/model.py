@@ -722,6 +722,30 @@ class LoginConfig(_Model):
     )
 
 
+def _check_package_rule(value: str) -> str:
+    """A package rule: ``*`` (any package) or a requirement such as ``requests>=2,<3``."""
+    if value.strip() == "*":
+        return "*"
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        requirement = Requirement(value)
+    except InvalidRequirement as exc:
+        raise ValueError(
+            f'{value!r} is not a package rule: expected "*" or a name with an optional '
+            f'version range, such as "requests>=2,<3" ({exc})'
+        ) from None
+    if requirement.url or requirement.marker or requirement.extras:
+        raise ValueError(
+            f"{value!r}: a package rule is a name and a version range (no URL, extras or "
+            "environment marker)"
+        )
+    return str(requirement)
+
+
+PackageRule = Annotated[str, AfterValidator(_check_package_rule)]
+
+
 def _check_pool(value: str) -> str:
     try:
         network = ipaddress.IPv4Network(value, strict=True)
@@ -983,6 +1007,18 @@ class RoleConfig(_Model):
         ),
     )
 
+    packages: Annotated[list[PackageRule], Expect("an array of package rules")] = Field(
+        default_factory=list,
+        description=(
+            "Packages the role may install through the package proxy (`pip install` in a "
+            'server): each a name with an optional version range ("requests", '
+            '"torch>=2.4,<3"), or "*" for every package the proxy mirrors. With several '
+            "roles the union applies; approved requests (`ztlab packages approve`) add to it. "
+            "Default: none (built-in: none for every role). "
+            'Example: `packages = ["requests>=2", "tqdm"]`. Added in 0.4.'
+        ),
+    )
+
     @property
     def raw_files_limit(self) -> int | None:
         """Bytes a raw file may have to go out: ``None`` without a limit, ``0`` refused."""
@@ -1169,6 +1205,67 @@ class ModelsConfig(_Model):
     )
 
 
+class PackagesConfig(_Model):
+    """``[packages]``: the package proxy, the sandboxes' only route to packages."""
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Run the package proxy: devpi-server mirrors the upstream index on 127.0.0.1 and "
+            "the control plane's gateway, on the sandboxes' service address, lets each user "
+            "download only what the rules of their roles allow, each file checked against "
+            "the index's hash and audited. Default: `true`. Example: `enabled = false`."
+        ),
+    )
+    port: int = Field(
+        default=3141,
+        ge=1024,
+        le=65535,
+        description=(
+            "Port of the gateway on the sandboxes' service address (where `pip` in a server "
+            "points). Default: `3141`. Example: `port = 3200`."
+        ),
+    )
+    devpi_port: int = Field(
+        default=3142,
+        ge=1024,
+        le=65535,
+        description=(
+            "Port of devpi-server on 127.0.0.1 (never reachable from a sandbox). "
+            "Default: `3142`. Example: `devpi_port = 3300`."
+        ),
+    )
+    upstream: HttpUrlText = Field(
+        default="https://pypi.org/simple/",
+        description=(
+            "The index devpi-server mirrors (a PEP 503 simple index). Default: "
+            '`"https://pypi.org/simple/"`. Example: `upstream = "https://nexus.example/simple/"`.'
+        ),
+    )
+    offline: bool = Field(
+        default=False,
+        description=(
+            "Serve only what the mirror has cached (devpi-server's offline mode): for "
+            "machines with no route to the upstream. Default: `false`. Example: "
+            "`offline = true`."
+        ),
+    )
+
+
+class EnvironmentsConfig(_Model):
+    """``[environments]``: where built kernel environments live."""
+
+    root: AbsPath = Field(
+        default_factory=lambda: Path("/opt/ztlab/envs"),
+        description=(
+            "Directory of built environments, one read-only folder per build; readable by "
+            "users' servers (each sees only the environments the policy lets it use), so "
+            "not under `state_dir` nor in a checkout. Default: `/opt/ztlab/envs`. "
+            'Example: `root = "/srv/ztlab/envs"`.'
+        ),
+    )
+
+
 class GpuConfig(_Model):
     """``[gpu]``: GPU pools, and who hands out their GPUs."""
 
@@ -1259,6 +1356,14 @@ class ZtlabConfig(_Model):
     datasets: DatasetsConfig = Field(
         default_factory=DatasetsConfig,
         description="The dataset registry: where datasets may come from, how they are signed.",
+    )
+    packages: PackagesConfig = Field(
+        default_factory=PackagesConfig,
+        description="The package proxy: what users' servers may install, and from where.",
+    )
+    environments: EnvironmentsConfig = Field(
+        default_factory=EnvironmentsConfig,
+        description="Kernel environments built by the control plane.",
     )
     secrets: SecretsConfig = Field(
         default_factory=SecretsConfig,

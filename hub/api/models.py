@@ -44,7 +44,7 @@ from tornado.httputil import HTTPHeaders, parse_response_start_line
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from ztlab.common.errors import ZtlabError
-from ztlab.hub.api.datasets import _ZtlabAPIHandler
+from ztlab.hub.api.base import ZtlabAPIHandler
 from ztlab.hub.models.mlflow_auth import CONTROL_USER
 
 _NAME = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,127})"
@@ -97,7 +97,7 @@ def canonical(path: str) -> str:
     return checked
 
 
-class _ModelsHandler(_ZtlabAPIHandler):
+class _ModelsHandler(ZtlabAPIHandler):
     @property
     def service(self) -> Any:
         """The hub's model service, or a 404 where the hub runs without ``[models]``."""

@@ -10,15 +10,12 @@ again if it exits, and stops it with the hub.
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
 from pathlib import Path
 
 from ztlab.common.config import ZtlabConfig
-from ztlab.common.errors import UsageError
 from ztlab.hub.models.mlflow import server_command, server_environment
-from ztlab.hub.processes import ManagedProcess
+from ztlab.hub.processes import ManagedProcess, check_port_free
 
 #: the process's name under ``<state_dir>/run`` and ``<state_dir>/logs``
 NAME = "mlflow"
@@ -80,19 +77,6 @@ class ModelServer:
         self._process.stop()
 
     def _check_port_free(self) -> None:
-        """Refuse to start when another process holds the port (MLflow would fail to bind
-        and be started again forever)."""
-        port = self._config.models.mlflow_port
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                raise UsageError(
-                    f"{self._source}: models.mlflow_port: port {port} on 127.0.0.1 is in use "
-                    "by another process",
-                    hint=f"stop it (`ss -ltnp 'sport = :{port}'` names it) or set "
-                    "models.mlflow_port to a free port",
-                ) from exc
+        check_port_free(
+            self._config.models.mlflow_port, key="models.mlflow_port", source=self._source
+        )

@@ -20,6 +20,9 @@ version the context names the user as trainer of)::
     approve_model     -      -             -        others'   -
     run_schedule      yes    -             yes      -         -
     read_audit        yes    -             -        -         -
+    use_environment   base   base          all      base      base
+    manage_environment yes   -             -        -         -
+    approve_package   yes    -             -        -         -
 
     * register_model: forbidden when the context names another user as trainer.
 

@@ -243,6 +243,14 @@ class SandboxSpawner(DedicatedUserSpawner):
                 granted[f"/datasets/{row.ref}"] = Path(row.source)
         return granted
 
+    def granted_environments(self, roles: frozenset[str]) -> list[Any]:
+        """The ready environments the policy lets the user use (each decision audited)."""
+        service = self.plane.environments
+        if service is None:
+            return []
+        usable: list[Any] = service.usable(Principal(name=self.user.name, roles=roles))
+        return usable
+
     def make_sandbox(self, roles: frozenset[str], lease: Any) -> _Launch:
         """The cgroup, network namespace and bubblewrap command of the server (a thread)."""
         from ztlab.hub.sandbox.bwrap import DEFAULT_READONLY_PATHS, SandboxSpec
@@ -263,6 +271,10 @@ class SandboxSpawner(DedicatedUserSpawner):
         sandbox.segments.allow_ingress(netns, port=self.server_port)
         api_port = _port(config.hub.api_url)
         sandbox.segments.allow(netns, dest=sandbox.segments.service_ip, port=api_port)
+        if plane.mirror is not None:  # the package gateway: the only route to packages
+            sandbox.segments.allow(
+                netns, dest=sandbox.segments.service_ip, port=config.packages.port
+            )
 
         entry = pwd.getpwnam(self.account)
         self.port = self.server_port
@@ -278,6 +290,13 @@ class SandboxSpawner(DedicatedUserSpawner):
         if "MLFLOW_TRACKING_URI" in env:
             mlflow_env(env)  # the API URL changed to the service address
         env["ZTLAB_DATASETS_MOUNT"] = "/datasets"  # registered versions at /datasets/NAME@VERSION
+        if plane.mirror is not None:
+            env.update(package_environment(sandbox.segments.service_ip, config.packages.port))
+        environments = self.granted_environments(roles)
+        command = [*self.cmd, *self.get_args()]
+        if environments:
+            env.update(environment_variables(environments, Path(entry.pw_dir), env["PATH"]))
+            command = environment_command(environments, command)
         gpu_nodes = [Path(f"/dev/nvidia{m}") for m in minors]
         extra = [Path("/dev/nvidiactl"), Path("/dev/nvidia-uvm"), Path("/dev/nvidia-uvm-tools")]
         device_binds = [p for p in gpu_nodes + (extra if minors else []) if p.exists()]
@@ -286,17 +305,23 @@ class SandboxSpawner(DedicatedUserSpawner):
             gid=entry.pw_gid,
             home=Path(entry.pw_dir),
             datasets=self.granted_datasets(roles),
+            binds={str(usable.path): usable.path for usable in environments},
             devices=device_binds,
             readonly_paths=_readonly_paths(DEFAULT_READONLY_PATHS),
             # other users' cgroups (names, pids, usage) are not the sandbox's business
-            hidden=[config.state_dir, Path("/etc/ztlab"), Path("/sys/fs/cgroup")],
+            hidden=[
+                config.state_dir,
+                Path("/etc/ztlab"),
+                Path("/sys/fs/cgroup"),
+                config.environments.root,  # only the granted builds are bound over it
+            ],
         )
         log = config.state_dir / "logs" / "servers" / f"{self.account}.log"
         return _Launch(
             memory=self.limits_for(roles).memory_bytes,
             oom_kills=cgroup.oom_kills(),
             spec=spec,
-            command=[*self.cmd, *self.get_args()],
+            command=command,
             tools=tools,
             env=env,
             cgroup=cgroup,
@@ -443,6 +468,64 @@ def _spawn(launch: _Launch) -> subprocess.Popen[bytes]:
     finally:
         os.close(read_end)
         os.close(log_fd)
+
+
+def package_environment(service_ip: str, port: int) -> dict[str, str]:
+    """pip and uv in the server point at the package gateway, and at nothing else (the
+    machine's own pip configuration files are not read)."""
+    index = f"http://{service_ip}:{port}/simple/"
+    return {
+        "PIP_INDEX_URL": index,
+        "PIP_TRUSTED_HOST": f"{service_ip}:{port}",
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "UV_DEFAULT_INDEX": index,
+        "UV_INDEX_URL": index,
+        "UV_NO_CONFIG": "1",
+    }
+
+
+def environment_variables(environments: list[Any], home: Path, path: str) -> dict[str, str]:
+    """The server's view of its environments: their folders (``ZTLAB_ENVIRONMENTS``), their
+    kernelspecs (``JUPYTER_PATH``) and, for terminals, the default one's user layer first
+    on ``PATH`` (``pip`` there installs into it)."""
+    import json
+
+    from ztlab.kernels.layers import layer_path
+
+    default = default_environment(environments)
+    layer = layer_path(default.name, home)
+    return {
+        "ZTLAB_ENVIRONMENTS": json.dumps({e.name: str(e.path) for e in environments}),
+        "JUPYTER_PATH": ":".join(str(e.path / "share" / "jupyter") for e in environments),
+        "VIRTUAL_ENV": str(layer),
+        "PATH": f"{layer / 'bin'}:{path}",
+    }
+
+
+def default_environment(environments: list[Any]) -> Any:
+    """``base`` when granted, else the first."""
+    return next((e for e in environments if e.name == "base"), environments[0])
+
+
+def environment_command(environments: list[Any], command: list[str]) -> list[str]:
+    """The server's command, after the user's layers are made; only the environments'
+    kernels are offered, the default one first."""
+    from ztlab.hub.environments.build import KERNEL_PREFIX
+
+    kernels = [KERNEL_PREFIX + e.name for e in environments]
+    default = KERNEL_PREFIX + default_environment(environments).name
+    flag = "--MappingKernelManager.default_kernel_name="
+    return [
+        command[0],
+        "-I",
+        "-m",
+        "ztlab.kernels.layers",
+        "--",
+        *(arg for arg in command if not arg.startswith(flag)),
+        f"--KernelSpecManager.allowed_kernelspecs={kernels!r}",
+        flag + default,
+    ]
 
 
 def _tools(bwrap: str) -> dict[str, str]:

@@ -30,12 +30,16 @@ class Execution:
 class KernelSession:
     """A kernel on ``user``'s server, reached with an API ``token``."""
 
-    def __init__(self, hub_url: str, user: str, token: str) -> None:
+    def __init__(self, hub_url: str, user: str, token: str, kernel: str | None = None) -> None:
+        """A new kernel of the kernelspec ``kernel`` (default: the server's default)."""
         self.base = f"{hub_url}/user/{user}"
         self.ws_base = self.base.replace("http://", "ws://", 1)
         self.headers = {"Authorization": f"token {token}"}
         response = requests.post(
-            f"{self.base}/api/kernels", headers=self.headers, json={}, timeout=60
+            f"{self.base}/api/kernels",
+            headers=self.headers,
+            json={"name": kernel} if kernel else {},
+            timeout=60,
         )
         response.raise_for_status()
         self.kernel_id = response.json()["id"]
