@@ -56,10 +56,12 @@ def bring_up(config: ZtlabConfig, config_path: Path, hub_argv: list[str]) -> Sta
 
 
 def bring_down(config: ZtlabConfig) -> dict[str, bool]:
-    """Stop the hub (which stops the servers and MLflow) and the IdP; tear the network down."""
+    """Stop the hub (which stops the servers, MLflow and devpi) and the IdP; tear the network
+    down."""
     stopped = {name: ManagedProcess(name, config.state_dir).stop() for name in PROCESSES}
-    # the hub stops MLflow on a clean stop; this ends one a killed hub left behind
-    ManagedProcess("mlflow", config.state_dir).stop()
+    # the hub stops MLflow and devpi on a clean stop; this ends what a killed hub left behind
+    for service in ("mlflow", "devpi"):
+        ManagedProcess(service, config.state_dir).stop()
     if config.sandbox.enabled:
         from ztlab.hub.sandbox.netns import NetworkSegments
 

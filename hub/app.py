@@ -205,6 +205,7 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
                     yield f"http://build:{token}@{address}:{config.packages.port}/simple/"
 
             plane.environments.index_for = index_for
+            plane.environments.ensure_base()
 
     def _poll_egress(self) -> None:
         if self.egress is not None:

@@ -478,13 +478,13 @@ _TYPES: tuple[EventType, ...] = (
     EventType(
         "environment.build_started",
         "A build of an environment started.",
-        "the admin",
+        "the admin (``ztlab-hub`` for the build of ``base`` a new hub starts)",
         {**_ENV, "build": "build number", "layer_on": "interpreter it layers on"},
     ),
     EventType(
         "environment.built",
         "A build finished; its lock was written.",
-        "the admin who started it",
+        "who started it",
         {
             **_ENV,
             "build": "build number",
@@ -496,7 +496,7 @@ _TYPES: tuple[EventType, ...] = (
     EventType(
         "environment.build_failed",
         "A build failed (the step and the message).",
-        "the admin who started it",
+        "who started it",
         {**_ENV, "build": "build number", "error": "what failed"},
     ),
     EventType(

@@ -156,6 +156,17 @@ class EnvironmentService:
     ) -> BuildRow:
         """Start building ``name`` in a thread; the build's row (status ``building``)."""
         self._require(principal, name)
+        return self._start(name, by=principal.name, layer_on=layer_on)
+
+    def ensure_base(self) -> BuildRow | None:
+        """Build ``base`` (as the control plane) when it has no ready build: a new hub
+        offers its users a kernel environment without an admin's step."""
+        definition = self.registry.definition("base")
+        if definition.retired or self.registry.current("base") is not None:
+            return None
+        return self._start("base", by=SYSTEM, layer_on=None)
+
+    def _start(self, name: str, *, by: str, layer_on: str | None) -> BuildRow:
         definition = self.registry.definition(name)
         if self.index_for is None:
             raise UsageError(
@@ -165,23 +176,17 @@ class EnvironmentService:
         if not self._building.acquire(blocking=False):
             raise UsageError("another environment is being built", hint="try again when it ends")
         try:
-            row = self.registry.start_build(
-                name, root=self.config.environments.root, by=principal.name
-            )
+            row = self.registry.start_build(name, root=self.config.environments.root, by=by)
         except BaseException:
             self._building.release()
             raise
         layer = layer_on or definition.layer_on
         self.record(
-            principal.name,
-            "environment.build_started",
-            environment=name,
-            build=row.build,
-            layer_on=layer,
+            by, "environment.build_started", environment=name, build=row.build, layer_on=layer
         )
         thread = threading.Thread(
             target=self._build,
-            args=(definition, row, layer, principal.name),
+            args=(definition, row, layer, by),
             name=f"ztlab-env-build-{name}",
             daemon=True,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,10 +40,22 @@ firewall_table = "ztlab_test_up"
 ml-trainers = ["trainer"]
 [secrets]
 oidc_client_secret = {{ file = "{tmp_path / "state" / "secrets" / "oidc-client-secret"}" }}
+[packages]
+port = {free_port()}
+devpi_port = {free_port()}
+[environments]
+root = "{_envs_root()}"
 {extra}
 """
     )
     return path, hub
+
+
+def _envs_root() -> Path:
+    """Where the hub builds base: readable by the servers' accounts (pytest's are 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="ztlab-up-envs-", dir="/tmp"))
+    root.chmod(0o755)
+    return root
 
 
 def _ztlab(*args: str) -> subprocess.CompletedProcess[str]:

@@ -34,11 +34,13 @@ from ztlab.common.config import (
 from ztlab.common.config.model import (
     AuditConfig,
     DatasetsConfig,
+    EnvironmentsConfig,
     GpuConfig,
     GpuPool,
     HubConfig,
     LoginConfig,
     ModelsConfig,
+    PackagesConfig,
     PolicyConfig,
     ProxyConfig,
     RoleConfig,
@@ -126,7 +128,12 @@ def test_audit_paths_follow_state_dir_unless_set(in_tmp: Path) -> None:
 def test_example_file_loads() -> None:
     config = load_config(EXAMPLE)
     assert tuple(config.roles) == DEFAULT_ROLE_NAMES
-    assert config.roles == ZtlabConfig().roles  # the example shows the built-in values
+    # the example shows the built-in values, but for the trainers' package allowlist (built
+    # in: none, deny by default; the example lets them install a few common packages)
+    built_in = ZtlabConfig().roles
+    assert {n: r.model_copy(update={"packages": []}) for n, r in config.roles.items()} == built_in
+    assert built_in["trainer"].packages == []
+    assert "requests>=2" in config.roles["trainer"].packages
     assert config.groups == {
         "ml-trainers": ["trainer"],
         "model-approvers": ["approver"],
@@ -215,11 +222,13 @@ TOP_KEYS = ", ".join(
     (
         "audit",
         "datasets",
+        "environments",
         "gpu",
         "groups",
         "hub",
         "login",
         "models",
+        "packages",
         "policy",
         "proxy",
         "roles",
@@ -246,7 +255,7 @@ ONE_PROBLEM: list[tuple[str, str, str]] = [
         "[roles.trainer]\ngpus = 1\n",
         "ztlab.toml: roles.trainer.gpus: unknown key; "
         "expected one of: cpus, description, egress_report, max_gpus, max_server_hours, "
-        "memory, raw_files",
+        "memory, packages, raw_files",
     ),
     (
         "unknown table",
@@ -1012,6 +1021,8 @@ ALL_MODELS: list[type[BaseModel]] = [
     GpuPool,
     DatasetsConfig,
     ModelsConfig,
+    PackagesConfig,
+    EnvironmentsConfig,
     SecretsConfig,
     SecretRef,
 ]

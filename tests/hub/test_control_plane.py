@@ -59,6 +59,8 @@ proxy_api_url = "http://127.0.0.1:{free_port()}"
 issuer = "http://127.0.0.1:9"
 [models]
 enabled = false
+[packages]
+enabled = false
 [sandbox]
 address_pool = "{POOL}"
 firewall_table = "{TABLE}"

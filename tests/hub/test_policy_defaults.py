@@ -37,6 +37,10 @@ CASES: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "approve_model_no_trainer": ("approve_model", "model:churn@7", None),
     "run_schedule": ("run_schedule", "schedule:nightly", None),
     "read_audit": ("read_audit", "audit:main", None),
+    "use_base_environment": ("use_environment", "environment:base", None),
+    "use_gpu_environment": ("use_environment", "environment:gpu", None),
+    "manage_environment": ("manage_environment", "environment:gpu", None),
+    "approve_package": ("approve_package", "package:requests", None),
 }
 
 D = "D"
@@ -69,6 +73,10 @@ TABLE: dict[str, tuple[str, ...]] = {
     "approve_model_no_trainer":  (TWO_PERSON, TWO_PERSON, TWO_PERSON, TWO_PERSON, TWO_PERSON, TWO_PERSON, TWO_PERSON),  # noqa: E501
     "run_schedule":              ("A:admin-run-schedule", D, "A:trainer-run-schedule", D, D, D, D),
     "read_audit":                ("A:admin-read-audit", D, D, D, D, D, D),
+    "use_base_environment":      ("A:admin-use-base-environment", "A:data-steward-use-base-environment", "A:trainer-use-base-environment", "A:approver-use-base-environment", "A:viewer-use-base-environment", D, D),  # noqa: E501
+    "use_gpu_environment":       (D, D, "A:trainer-use-environments", D, D, D, D),
+    "manage_environment":        ("A:admin-manage-environments", D, D, D, D, D, D),
+    "approve_package":           ("A:admin-approve-packages", D, D, D, D, D, D),
 }
 # fmt: on
 
@@ -129,13 +137,15 @@ def test_user_without_roles_is_denied_everything(engine: PolicyEngine) -> None:
         assert not decision.allowed, case
 
 
-def test_viewer_may_only_spawn_and_use_own_server(engine: PolicyEngine) -> None:
+def test_viewer_may_only_spawn_and_use_own_server_in_the_base_environment(
+    engine: PolicyEngine,
+) -> None:
     allowed = {
         case
         for case in CASES
         if engine.authorize(_principal("viewer", name="vera"), *_request(case, "vera")).allowed
     }
-    assert allowed == {"spawn_own_server", "access_own_server"}
+    assert allowed == {"spawn_own_server", "access_own_server", "use_base_environment"}
 
 
 def test_reason_texts(engine: PolicyEngine) -> None:
