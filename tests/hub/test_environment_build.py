@@ -9,7 +9,6 @@ proxy is tested end to end in ``test_packages_e2e.py``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import venv
@@ -140,7 +139,7 @@ def test_the_build_matches_its_lock_until_a_file_changes(built: tuple[BuildPlan,
 
     # a changed link (the interpreter) is a difference too
     link = plan.path / "bin" / "python"
-    target_before = os.readlink(link)
+    target_before = str(link.readlink())
     link.unlink()
     link.symlink_to("/bin/sh")
     try:
