@@ -23,7 +23,6 @@ import json
 import os
 import re
 import sys
-import venv
 from pathlib import Path
 from typing import Final
 
@@ -53,6 +52,8 @@ def ensure_layer(name: str, environment: Path, home: Path | None = None) -> Path
     pth = _site(layer) / CHAIN_PTH
     if (layer / "pyvenv.cfg").exists() and pth.exists() and pth.read_text() == chain:
         return layer
+    import venv  # only when a layer is made (kernel start is the common path)
+
     venv.EnvBuilder(with_pip=False, symlinks=True).create(layer)
     pth.write_text(chain)
     for script in ("pip", "pip3"):
