@@ -133,7 +133,7 @@ gpu-check: venv-dev ## the GPU checks (lease, device fence, NVML) on a machine w
 
 gpu-check-bundle: code ## wheels (ztlab's own among them) and .deb for tests/gpu/run-on-device.sh on an offline GPU machine
 	rm -rf .whl .deb && mkdir -p .whl .deb
-	for p in pydantic pydantic-core annotated-types typing-inspection cedarpy cryptography cffi pycparser; do \
+	for p in pydantic pydantic-core annotated-types typing-inspection cedarpy cryptography cffi pycparser packaging; do \
 	  $(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	    -d .whl "$$p==$$($(PIP) show $$p | awk '/^Version/{print $$2}')"; done

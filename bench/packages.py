@@ -172,11 +172,11 @@ def run_install(*, quick: bool = False) -> list[Row]:
 
 
 def _kernel_start(argv: list[str], home: Path) -> float:
-    from jupyter_client.manager import KernelManager
     from jupyter_client.kernelspec import KernelSpec
+    from jupyter_client.manager import KernelManager
 
     manager = KernelManager()
-    manager._kernel_spec = KernelSpec(argv=argv, language="python", display_name="bench")  # noqa: SLF001
+    manager._kernel_spec = KernelSpec(argv=argv, language="python", display_name="bench")
     env = {**os.environ, "HOME": str(home)}
     started = time.perf_counter()
     manager.start_kernel(env=env)
@@ -189,6 +189,11 @@ def _kernel_start(argv: list[str], home: Path) -> float:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
     return elapsed
+
+
+def _launcher(env: Path) -> list[str]:
+    """An environment's kernel command (what its kernelspec says)."""
+    return [str(env / "bin" / "python"), "-m", "ztlab.kernels.launch", "-f", "{connection_file}"]
 
 
 def run_kernel_start(*, quick: bool = False) -> list[Row]:
@@ -224,11 +229,7 @@ def run_kernel_start(*, quick: bool = False) -> list[Row]:
         direct = kernelspec()["argv"]
         commands = {
             "direct": direct,
-            **{
-                name: [str(path / "bin" / "python"), "-m", "ztlab.kernels.launch"]
-                + ["-f", "{connection_file}"]
-                for name, path in envs.items()
-            },
+            **{name: _launcher(path) for name, path in envs.items()},
         }
         _kernel_start(commands["base"], home)  # makes the user's layer once, warms caches
         times: dict[str, list[float]] = {name: [] for name in commands}
