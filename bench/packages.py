@@ -47,7 +47,7 @@ def run(*, quick: bool = False) -> list[Row]:
 @contextmanager
 def _proxy(root: Path, upstream: str) -> Iterator[str]:
     """devpi-server and the gateway, the caller on 127.0.0.1 allowed everything."""
-    from tests.hubstack import free_port
+    from bench.login import _port as free_port
     from ztlab.common.config import parse_config
     from ztlab.hub.packages import PackageMirror, PackageRequests
     from ztlab.hub.packages.gateway import PackageGateway
