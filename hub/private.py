@@ -11,6 +11,7 @@ it creates at start-up such as the state directory).
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -139,3 +140,16 @@ def state_file(path: Path, *, content: bytes | None = None) -> Path:
     """A file of the control plane's state: created 0600 (with ``content``), or tightened to
     0600 if the control plane owns it; :class:`~ztlab.common.errors.ConfigError` otherwise."""
     return private_file(path, what="state file", error=ConfigError, content=content, tighten=True)
+
+
+def state_database(path: Path, schema: str) -> sqlite3.Connection:
+    """A SQLite database of the control plane's state: the file created 0600 in a 0700
+    directory (SQLite would make it world-readable), WAL journal, autocommit, usable from
+    several threads (callers hold their own lock), ``schema`` applied."""
+    state_directory(path.parent)
+    if not path.exists():
+        state_file(path, content=b"")
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(schema)
+    return db

@@ -85,6 +85,14 @@ class ManagedProcess:
         self.process = proc
         return proc.pid
 
+    def running(self) -> bool:
+        """Whether the process is alive (started by this object or found by its pid file)."""
+        return self.pid() is not None
+
+    def exit_status(self) -> int | None:
+        """How the process this object started ended (``None``: running, or not ours)."""
+        return None if self.process is None else self.process.poll()
+
     def stop(self, timeout: float = 20) -> bool:
         """Stop the process and its session (TERM, then KILL); True if one was running."""
         pid = self.pid()

@@ -63,6 +63,7 @@ class SimpleIndex:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._server: ThreadingHTTPServer | None = None
         root.mkdir(parents=True, exist_ok=True)
 
     def add(self, name: str, version: str, **kwargs: object) -> Path:
@@ -87,14 +88,20 @@ class SimpleIndex:
 
     @contextlib.contextmanager
     def serve(self) -> Iterator[str]:
-        """Serve the index on 127.0.0.1; its URL."""
+        """Serve the index on 127.0.0.1 until the block ends (or :meth:`stop`); its URL."""
         handler = functools.partial(_QuietHandler, directory=str(self.root))
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         thread.start()
         try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/"
+            yield f"http://127.0.0.1:{self._server.server_address[1]}/"
         finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop serving: the index is gone, as an upstream out of reach."""
+        server, self._server = self._server, None
+        if server is not None:
             server.shutdown()
             server.server_close()
 

@@ -8,7 +8,6 @@ lock inside the build's folder is for reading; this one is what verification tru
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 from ztlab.common.envlock import EnvironmentLock, parse_lock
 from ztlab.common.errors import ZtlabError
 from ztlab.common.manifest import Manifest, parse_manifest
-from ztlab.hub.private import state_directory, state_file
+from ztlab.hub.private import state_database, state_directory, state_file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS environments (
@@ -105,12 +104,7 @@ class EnvironmentRegistry:
 
     def __init__(self, folder: Path) -> None:
         self.folder = state_directory(folder)
-        path = folder / "registry.sqlite"
-        if not path.exists():
-            state_file(path, content=b"")
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = state_database(folder / "registry.sqlite", _SCHEMA)
         self._lock = threading.Lock()
 
     def define(

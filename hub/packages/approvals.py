@@ -10,7 +10,6 @@ is committed before it is acknowledged.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from ztlab.common.errors import UsageError
 from ztlab.hub.packages.rules import Rule
-from ztlab.hub.private import state_directory, state_file
+from ztlab.hub.private import state_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -75,12 +74,7 @@ class PackageRequests:
     """The request store (thread-safe)."""
 
     def __init__(self, path: Path) -> None:
-        state_directory(path.parent)
-        if not path.exists():
-            state_file(path, content=b"")
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = state_database(path, _SCHEMA)
         self._lock = threading.Lock()
 
     def file(self, *, user: str, requirement: str, reason: str) -> PackageRequest:

@@ -140,12 +140,11 @@ class PackageMirror:
 
     def running(self) -> bool:
         """Whether devpi-server's process is alive."""
-        return self._process.pid() is not None
+        return self._process.running()
 
     def exit_status(self) -> int | None:
         """How the process this object started ended (``None``: running, or not ours)."""
-        started = self._process.process
-        return None if started is None else started.poll()
+        return self._process.exit_status()
 
     def stop(self) -> None:
         """Stop devpi-server."""

@@ -22,14 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu.test_gpu_lease import BWRAP, Records, _device_nodes, accounts
+from tests.gpu.test_gpu_lease import BWRAP, _device_nodes, accounts, lease_broker
 from tests.hardware import HAS_GPU, NO_GPU_REASON
-from ztlab.common.config import parse_config
 from ztlab.hub.environments.build import BuildPlan, build, check, layer_sites
 from ztlab.hub.environments.service import shipped_requirements
-from ztlab.hub.gpu import Inventory, LeaseBroker
-from ztlab.hub.gpu.nvml import RealNvml
-from ztlab.hub.policy import PolicyEngine
 from ztlab.hub.sandbox.bwrap import SandboxSpec, sandbox_argv
 from ztlab.hub.sandbox.cgroups import CgroupManager, Limits, base_device_rules, gpu_device_rules
 
@@ -91,22 +87,7 @@ def test_gpu_environment_in_a_sandbox_with_one_leased_gpu(
         built = build(plan, log=print)
         print("lock digest", built.lock.digest)
         assert built.lock.distributions.get("torch")
-        nvml = RealNvml()
-        device = nvml.devices()[0]
-        config = parse_config(
-            {
-                "state_dir": str(tmp_path / "state"),
-                "gpu": {"pools": {"research": {"gpus": [device.uuid], "roles": ["trainer"]}}},
-            }
-        )
-        records = Records()
-        broker = LeaseBroker(
-            store_path=tmp_path / "state" / "gpu" / "leases.sqlite3",
-            inventory=Inventory.from_config(config, nvml=nvml),
-            roles=config.roles,
-            policy=PolicyEngine.defaults(audit=records),
-            audit=records,
-        )
+        _, device, broker, _ = lease_broker(tmp_path)
         lease = broker.grant(
             user="alice", roles=frozenset({"trainer"}), server="", pool="research", count=1
         )

@@ -95,10 +95,10 @@ def _spec(account: pwd.struct_passwd, devices: list[Path], env: dict[str, str]) 
     )
 
 
-def test_lease_fence_and_nvml(accounts: dict[str, pwd.struct_passwd], tmp_path: Path) -> None:
+def lease_broker(tmp_path: Path) -> tuple[RealNvml, Any, LeaseBroker, Records]:
+    """NVML, the first GPU, and a lease broker with one pool ``research`` holding it."""
     nvml = RealNvml()
     device = nvml.devices()[0]
-    print(f"\nGPU: {device.name} {device.uuid} /dev/nvidia{device.minor_number}")
     config = parse_config(
         {
             "state_dir": str(tmp_path / "state"),
@@ -113,6 +113,12 @@ def test_lease_fence_and_nvml(accounts: dict[str, pwd.struct_passwd], tmp_path: 
         policy=PolicyEngine.defaults(audit=records),
         audit=records,
     )
+    return nvml, device, broker, records
+
+
+def test_lease_fence_and_nvml(accounts: dict[str, pwd.struct_passwd], tmp_path: Path) -> None:
+    nvml, device, broker, records = lease_broker(tmp_path)
+    print(f"\nGPU: {device.name} {device.uuid} /dev/nvidia{device.minor_number}")
     # 1. a real lease on the real GPU, after a policy decision; a viewer is refused
     lease = broker.grant(
         user="alice", roles=frozenset({"trainer"}), server="", pool="research", count=1

@@ -102,6 +102,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PackageStack]
     for name, version in [("tinya", "1.0"), ("tinya", "2.0"), ("tinyb", "0.1")]:
         index.add(name, version)
     index.add("tinyc", "1.0", payload=b"c" * 50_000)
+    index.add("tinyd", "3.0")
     index.add("tinyd", "3.1")
     index.add("tinye", "0.5")
     # envs must be readable by the users' accounts (pytest's folders are 0700)
@@ -416,6 +417,71 @@ def test_a_changed_file_in_a_built_environment_is_detected(packages: PackageStac
     assert packages.api("vic", "POST", "/environments/small/verify").status_code == 403
 
 
+def test_a_layer_package_that_replaces_the_environments_is_named(
+    packages: PackageStack,
+) -> None:
+    _server(packages, "pia")
+    kernel = _kernel(packages, "pia", "ztlab-env-small")
+    try:
+        done = kernel.execute(pip("install", "tinyd==3.0"), timeout=180)
+    finally:
+        kernel.close()
+    assert done.stdout.startswith("0"), done.stdout
+    fresh = _kernel(packages, "pia", "ztlab-env-small")
+    try:
+        first = fresh.execute("import tinyd; print(tinyd.VERSION)")
+        removed = fresh.execute(pip("uninstall", "-y", "tinyd"), timeout=120)
+    finally:
+        fresh.close()
+    assert removed.stdout.startswith("0"), removed.stdout
+    assert first.stdout.strip() == "3.0"  # the user's layer comes first
+    assert "ztlab: tinyd 3.0 in your layer" in first.stderr
+    advice = (
+        "replaces tinyd 3.1 of environment small; to use the environment's: pip uninstall tinyd"
+    )
+    assert advice in first.stderr
+
+
+def test_the_admin_commands_work_against_the_hub(packages: PackageStack, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    token = tmp_path / "ada.token"
+    token.write_text(packages.tokens["ada"])
+    ztlab = [str(Path(sys.executable).with_name("ztlab"))]
+    hub = ["--hub-url", f"{packages.stack.hub_url}/hub/api", "--token-file", str(token)]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*ztlab, *args, *hub], capture_output=True, text=True, timeout=120, check=False
+        )
+
+    listed = run("env", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "base" in listed.stdout
+    assert "gpu              not built" in listed.stdout
+    verified = run("env", "verify", "small")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "matches its lock sha256:" in verified.stdout
+    shown = run("env", "show", "small", "--packages")
+    assert "tinyd==3.1" in shown.stdout
+    bad = tmp_path / "bad.txt"
+    bad.write_text("tinyd\n--index-url http://elsewhere/simple/\n")
+    refused = run("env", "create", "bad", "-r", str(bad))
+    assert refused.returncode == 2
+    assert "requirements line 2" in refused.stderr
+    assert "pip options are not allowed" in refused.stderr
+    missing = tmp_path / "missing.txt"
+    missing.write_text("tinyz==1.0\n")
+    assert run("env", "create", "broken", "-r", str(missing)).returncode == 0
+    failed = run("env", "build", "broken")
+    assert failed.returncode == 1
+    assert "No matching distribution found for tinyz==1.0" in failed.stderr
+    requests_ = run("packages", "requests")
+    assert requests_.returncode == 0
+    assert "tinyb" in requests_.stdout
+
+
 def test_a_retired_environment_keeps_running_kernels(packages: PackageStack) -> None:
     _server(packages, "pia")
     kernel = _kernel(packages, "pia", "ztlab-env-small")
@@ -439,3 +505,17 @@ def test_a_retired_environment_keeps_running_kernels(packages: PackageStack) -> 
     }
     assert listed["small"]["retired"] is True
     json.dumps(listed)
+
+
+def test_installs_work_offline_from_the_mirrors_cache(packages: PackageStack) -> None:
+    """Last in the module: the upstream goes away."""
+    packages.index.stop()
+    _server(packages, "pete")
+    kernel = _kernel(packages, "pete")
+    try:
+        again = kernel.execute(
+            pip("install", "--no-cache-dir", "--force-reinstall", "tinye"), timeout=180
+        )
+    finally:
+        kernel.close()
+    assert again.stdout.startswith("0"), again.stdout
