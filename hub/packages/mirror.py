@@ -213,11 +213,28 @@ def _program(name: str) -> str:
     return str(path)
 
 
+#: what devpi-server keeps of the hub's environment to reach the upstream: the machine's
+#: certificate authorities (a TLS-inspecting gateway's among them) and its proxies
+PASSED_THROUGH = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+)
+
+
 def _environment() -> dict[str, str]:
     import os
 
-    return {
+    env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": os.environ.get("HOME", "/root"),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
     }
+    env.update({name: os.environ[name] for name in PASSED_THROUGH if name in os.environ})
+    return env
