@@ -148,11 +148,14 @@ class EnvironmentRegistry:
 
     def start_build(self, name: str, *, root: Path, by: str) -> BuildRow:
         """A new build number and its row (status ``building``)."""
+        # folders another registry left (a state directory started afresh, a second hub on
+        # the same root) are never reused nor overwritten
+        taken = [int(p.name) for p in (root / name).glob("*") if p.name.isdigit()]
         with self._lock:
             (last,) = self._db.execute(
                 "SELECT COALESCE(MAX(build), 0) FROM builds WHERE name=?", (name,)
             ).fetchone()
-            build = int(last) + 1
+            build = max([int(last), *taken]) + 1
             path = root / name / str(build)
             self._db.execute(
                 "INSERT INTO builds (name, build, path, status, built_by, started_at) "

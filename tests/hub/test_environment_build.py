@@ -179,3 +179,18 @@ def test_another_python_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BuildFailed, match=r"layers: .*python9 is Python 3\.99"):
         build(plan, log=lambda line: None)
     assert not plan.path.exists()  # a failed build leaves no folder
+
+
+def test_a_new_registry_never_reuses_a_build_folder_left_on_the_root(tmp_path: Path) -> None:
+    from ztlab.hub.environments.registry import EnvironmentRegistry
+
+    root = tmp_path / "envs"
+    (root / "base" / "1").mkdir(parents=True)  # left by a state directory started afresh
+    (root / "base" / "7").mkdir()
+    registry = EnvironmentRegistry(tmp_path / "state" / "environments")
+    try:
+        row = registry.start_build("base", root=root, by="ztlab-hub")
+    finally:
+        registry.close()
+    assert row.build == 8
+    assert row.path == str(root / "base" / "8")
