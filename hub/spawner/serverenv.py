@@ -46,9 +46,17 @@ DATA_DIR: Final = Path("share") / "ztlab" / "server-data"
 
 #: what the server's configuration file says (the command line adds the per-server parts)
 SERVER_CONFIG: Final[dict[str, dict[str, object]]] = {
-    # a server answers only requests that carry the hub's credentials (the enforcement point
-    # in front of it already checked them; this is the second line)
-    "ServerApp": {"allow_unauthenticated_access": False},
+    "ServerApp": {
+        # a server answers only requests that carry the hub's credentials (the enforcement
+        # point in front of it already checked them; this is the second line)
+        "allow_unauthenticated_access": False,
+        # terminals start an interactive shell, not a login shell: a login shell reads
+        # /etc/profile, which resets PATH, and `pip` would no longer be the user's layer's
+        # (nor `uv`, `ztlab` from the kernel runtime); ~/.bashrc still runs
+        "terminado_settings": {
+            "shell_command": ["/bin/bash" if Path("/bin/bash").exists() else "/bin/sh"]
+        },
+    },
 }
 
 

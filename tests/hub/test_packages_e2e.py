@@ -345,6 +345,50 @@ def test_uv_installs_into_the_layer_from_a_terminal_environment(packages: Packag
     assert imported.stdout.strip() == "0.5"
 
 
+def test_pip_and_uv_in_a_terminal_install_into_the_layer(packages: PackageStack) -> None:
+    """A terminal is the user's shell, with the server's environment: the layer's pip and
+    the runtime's uv come first on its PATH, both pointed at the gateway."""
+    import asyncio
+
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    _server(packages, "pete")
+    headers = {"Authorization": f"token {packages.tokens['pete']}"}
+    base = f"{packages.stack.hub_url}/user/pete"
+    name = requests.post(f"{base}/api/terminals", headers=headers, timeout=60).json()["name"]
+    command = (
+        "which pip uv; pip install tinyd 2>&1 | tail -1; uv pip install tinye 2>&1 | tail -1; "
+        "echo END-OF-CHECK\r"
+    )
+
+    async def run() -> str:
+        url = base.replace("http://", "ws://", 1) + f"/terminals/websocket/{name}"
+        socket = await websocket_connect(HTTPRequest(url, headers=headers))
+        await socket.write_message(json.dumps(["stdin", command]))
+        seen = ""
+        while seen.count("END-OF-CHECK") < 2:
+            message = await asyncio.wait_for(socket.read_message(), 120)
+            assert message is not None, seen
+            kind, *data = json.loads(message)
+            if kind == "stdout":
+                seen += data[0]
+        socket.close()
+        return seen
+
+    output = asyncio.run(run())
+    assert "/.local/share/ztlab/layers/base/bin/pip" in output
+    assert "/opt/ztlab/venv/bin/uv" in output or "/bin/uv" in output
+    assert "Successfully installed tinyd-3.1" in output
+    requests.delete(f"{base}/api/terminals/{name}", headers=headers, timeout=60)
+    kernel = _kernel(packages, "pete")
+    try:
+        seen = kernel.execute("import tinyd, tinye; print(tinyd.VERSION, tinye.VERSION)")
+    finally:
+        kernel.close()
+    assert seen.stdout.split() == ["3.1", "0.5"]
+
+
 def test_an_environment_is_a_kernel_only_for_users_the_policy_allows(
     packages: PackageStack,
 ) -> None:
