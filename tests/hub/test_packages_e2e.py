@@ -286,6 +286,28 @@ def test_no_other_index_or_address_is_reachable(packages: PackageStack) -> None:
     assert not other.stdout.startswith("0")
 
 
+def test_the_gateway_refuses_a_caller_it_does_not_know(packages: PackageStack) -> None:
+    """Not a sandbox's address (a process on the host), or a made-up build token."""
+    from ztlab.common.config import load_config
+    from ztlab.hub.sandbox.netns import NetworkSegments
+
+    config = load_config(packages.stack.hub.config)
+    segments = NetworkSegments(
+        pool=config.sandbox.address_pool,
+        table=config.sandbox.firewall_table,
+        state_file=config.state_dir / "sandbox" / "netns.json",
+    )
+    url = f"http://{segments.service_ip}:{config.packages.port}/files/tinyc/"
+    wheel = url + "tinyc-1.0-py3-none-any.whl"
+    session = requests.Session()
+    session.trust_env = False
+    for auth in (None, ("build", "made-up-token")):
+        answer = session.get(wheel, auth=auth, timeout=30)
+        assert answer.status_code == 403
+        assert "not a user's server known to the package proxy" in answer.text
+        assert b"PK" not in answer.content[:2]
+
+
 def test_an_approved_request_makes_the_next_install_work(packages: PackageStack) -> None:
     _server(packages, "pete")
     kernel = _kernel(packages, "pete")
