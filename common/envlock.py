@@ -11,6 +11,8 @@ chains to its layers, see :mod:`ztlab.hub.environments.build`). Its lock records
   bytecode (``*.pyc``) in a layer is not covered: the interpreters that share a layer write
   it;
 - ``distributions``: every installed distribution the environment sees, name -> version;
+- ``runtime``: a digest of the kernel runtime's installed distributions (their ``RECORD``
+  files), so that a hub whose runtime was upgraded knows its ``base`` is out of date;
 - ``digest``: SHA-256 of the canonical JSON of all the above. The digest is what lineage
   and provenance record for a kernel, a pool worker or a scheduled run.
 
@@ -59,6 +61,7 @@ class EnvironmentLock:
     links: dict[str, str] = field(default_factory=dict)
     layers: tuple[TreeSummary, ...] = ()
     distributions: dict[str, str] = field(default_factory=dict)
+    runtime: str = ""
     format: str = FORMAT
 
     def canonical(self) -> bytes:
@@ -97,6 +100,7 @@ def parse_lock(text: str, *, source: str = "lock") -> EnvironmentLock:
             links=dict(body.get("links", {})),
             layers=tuple(TreeSummary(**layer) for layer in body.get("layers", [])),
             distributions=dict(body.get("distributions", {})),
+            runtime=str(body.get("runtime", "")),
         )
     except (KeyError, TypeError) as exc:
         raise LockError(f"{source}: missing or malformed key {exc}") from exc

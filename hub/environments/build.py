@@ -90,6 +90,17 @@ def runtime_site() -> Path:
     return Path(sysconfig.get_paths()["purelib"])
 
 
+def runtime_digest() -> str:
+    """SHA-256 over the kernel runtime's distributions (each ``RECORD`` file, which lists
+    every installed file with its hash): it changes when the runtime is upgraded."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for record in sorted(runtime_site().glob("*.dist-info/RECORD")):
+        digest.update(record.parent.name.encode() + b"\0" + record.read_bytes() + b"\0")
+    return "sha256:" + digest.hexdigest()
+
+
 def site_packages(prefix: Path) -> Path:
     """``PREFIX/lib/pythonX.Y/site-packages`` of a venv made by this interpreter."""
     return prefix / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
@@ -284,6 +295,7 @@ def lock(plan: BuildPlan, target: Path, sites: Collection[Path]) -> Built:
         links=links,
         layers=tuple(summaries),
         distributions=distributions(target),
+        runtime=runtime_digest(),
     )
     return Built(lock=the_lock, files=files, layers=tuple(layers))
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import UsageError, ZtlabError
-from ztlab.hub.environments.build import BuildFailed, BuildPlan, build, check
+from ztlab.hub.environments.build import BuildFailed, BuildPlan, build, check, runtime_digest
 from ztlab.hub.environments.registry import BuildRow, Definition, EnvironmentRegistry
 from ztlab.hub.policy import PolicyEngine, Principal
 from ztlab.hub.private import state_directory
@@ -159,11 +159,17 @@ class EnvironmentService:
         return self._start(name, by=principal.name, layer_on=layer_on)
 
     def ensure_base(self) -> BuildRow | None:
-        """Build ``base`` (as the control plane) when it has no ready build: a new hub
-        offers its users a kernel environment without an admin's step."""
+        """Build ``base`` (as the control plane) when it has no ready build, or when the
+        kernel runtime it layers on changed since (ztlab or its dependencies upgraded): a
+        hub offers its users a current kernel environment without an admin's step."""
         definition = self.registry.definition("base")
-        if definition.retired or self.registry.current("base") is not None:
+        if definition.retired:
             return None
+        current = self.registry.current("base")
+        if current is not None:
+            lock, _, _ = self.registry.locked(current)
+            if lock.runtime == runtime_digest():
+                return None
         return self._start("base", by=SYSTEM, layer_on=None)
 
     def _start(self, name: str, *, by: str, layer_on: str | None) -> BuildRow:

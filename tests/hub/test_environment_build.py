@@ -194,3 +194,49 @@ def test_a_new_registry_never_reuses_a_build_folder_left_on_the_root(tmp_path: P
         registry.close()
     assert row.build == 8
     assert row.path == str(root / "base" / "8")
+
+
+def test_a_hub_builds_base_again_when_the_kernel_runtime_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+    import time
+
+    from ztlab.common.config import parse_config
+    from ztlab.hub.environments import EnvironmentRegistry, EnvironmentService
+    from ztlab.hub.environments import service as service_module
+    from ztlab.hub.policy import PolicyEngine
+
+    root = tmp_path / "envs"
+    config = parse_config(
+        {"state_dir": str(tmp_path / "state"), "environments": {"root": str(root)}}
+    )
+    records: list[tuple[str, str]] = []
+    service = EnvironmentService(
+        config,
+        policy=PolicyEngine.defaults(),
+        record=lambda actor, action, **detail: records.append((actor, action)),
+        registry=EnvironmentRegistry(tmp_path / "state" / "environments"),
+    )
+    service.index_for = lambda label: contextlib.nullcontext("http://127.0.0.1:9/simple/")
+
+    def built(build: int) -> None:
+        deadline = time.monotonic() + 120
+        while service.registry.build("base", build).status == "building":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert service.registry.build("base", build).status == "ready"
+
+    try:
+        first = service.ensure_base()
+        assert first is not None
+        built(first.build)
+        assert service.ensure_base() is None  # current: nothing to do
+        monkeypatch.setattr(service_module, "runtime_digest", lambda: "sha256:upgraded")
+        again = service.ensure_base()
+        assert again is not None
+        assert again.build == first.build + 1
+        built(again.build)
+    finally:
+        service.close()
+    assert ("ztlab-hub", "environment.built") in records
