@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ztlab.common.errors import UsageError, ZtlabError
 
@@ -117,6 +118,54 @@ class ManagedProcess:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+class LocalService:
+    """A service process of the control plane on ``127.0.0.1:port`` (MLflow, devpi-server):
+    started in its own session with a pid file, stopped with the hub, started again if it
+    exits. Subclasses name it (:attr:`name`, the configuration key of its port) and start it.
+    """
+
+    #: the process's name under ``<state_dir>/run`` and ``<state_dir>/logs``
+    name: ClassVar[str]
+    #: the configuration key of its port, for messages
+    port_key: ClassVar[str]
+
+    def __init__(self, port: int, state_dir: Path, *, config_source: str) -> None:
+        self.port = port
+        self._source = config_source
+        self._process = ManagedProcess(self.name, state_dir)
+
+    @property
+    def url(self) -> str:
+        """Where the service listens (127.0.0.1 only)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        """The service's log."""
+        return self._process.log_file
+
+    def prepare(self) -> None:
+        """Stop what an earlier hub left; refuse a port another process holds.
+
+        The hub calls this before it changes anything on the machine, so a taken port
+        leaves nothing behind.
+        """
+        self._process.stop()
+        check_port_free(self.port, key=self.port_key, source=self._source)
+
+    def running(self) -> bool:
+        """Whether the service's process is alive."""
+        return self._process.running()
+
+    def exit_status(self) -> int | None:
+        """How the process this object started ended (``None``: running, or not ours)."""
+        return self._process.exit_status()
+
+    def stop(self) -> None:
+        """Stop the service and its children."""
+        self._process.stop()
 
 
 def check_port_free(port: int, *, key: str, source: str) -> None:

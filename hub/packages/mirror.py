@@ -28,7 +28,7 @@ from typing import Any
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ZtlabError
 from ztlab.hub.private import state_directory, state_file
-from ztlab.hub.processes import ManagedProcess, check_port_free
+from ztlab.hub.processes import LocalService
 
 #: the process's name under ``<state_dir>/run`` and ``<state_dir>/logs``
 NAME = "devpi"
@@ -40,13 +40,15 @@ class MirrorError(ZtlabError):
     """The package mirror could not be started or set up."""
 
 
-class PackageMirror:
+class PackageMirror(LocalService):
     """Start, set up, watch and stop devpi-server (``[packages]``)."""
 
+    name = NAME
+    port_key = "packages.devpi_port"
+
     def __init__(self, config: ZtlabConfig, *, config_source: str = "ztlab.toml") -> None:
+        super().__init__(config.packages.devpi_port, config.state_dir, config_source=config_source)
         self._config = config
-        self._source = config_source
-        self._process = ManagedProcess(NAME, config.state_dir)
         self._ready = False
 
     @property
@@ -60,26 +62,9 @@ class PackageMirror:
         return self.folder / "devpi"
 
     @property
-    def url(self) -> str:
-        """Where devpi-server listens (127.0.0.1 only)."""
-        return f"http://127.0.0.1:{self._config.packages.devpi_port}"
-
-    @property
     def index_url(self) -> str:
         """The mirror index's simple API, ending in ``/+simple/``."""
         return f"{self.url}/{INDEX}/+simple/"
-
-    @property
-    def log_file(self) -> Path:
-        """devpi-server's log."""
-        return self._process.log_file
-
-    def prepare(self) -> None:
-        """Stop what an earlier hub left; refuse a port another process holds."""
-        self._process.stop()
-        check_port_free(
-            self._config.packages.devpi_port, key="packages.devpi_port", source=self._source
-        )
 
     def start(self) -> None:
         """Initialise devpi's directory once, then start devpi-server (not waiting)."""
@@ -138,17 +123,9 @@ class PackageMirror:
             state_file(path, content=secrets.token_hex(32).encode())
         return path.read_text().strip()
 
-    def running(self) -> bool:
-        """Whether devpi-server's process is alive."""
-        return self._process.running()
-
-    def exit_status(self) -> int | None:
-        """How the process this object started ended (``None``: running, or not ours)."""
-        return self._process.exit_status()
-
     def stop(self) -> None:
-        """Stop devpi-server."""
-        self._process.stop()
+        """Stop devpi-server (the next start sets the index up again)."""
+        super().stop()
         self._ready = False
 
     def ensure_ready(self, timeout: float = 60.0) -> None:
