@@ -382,7 +382,8 @@ class EnforceHandler(web.RequestHandler):
         self.set_status(status)
         if _is_browser(self.request.headers):
             self.set_header("Content-Type", "text/html; charset=utf-8")
-            self.finish(_REFUSAL_PAGE.format(status=status, message=html.escape(message)))
+            base_url = self.settings.get("base_url", "/")
+            self.finish(refusal_page(status, message, base_url=base_url))
         else:
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps({"status": status, "message": message}))
@@ -434,7 +435,16 @@ def _is_browser(headers: Any) -> bool:
 
 _REFUSAL_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Refused</title>
 </head><body><h1>{status}: refused by the hub</h1><p>{message}</p>
-<p><a href="/hub/home">Back to the hub</a></p></body></html>"""
+<p><a href="{home}">Back to the hub</a></p></body></html>"""
+
+
+def refusal_page(status: int, message: str, *, base_url: str = "/") -> str:
+    """The page a browser gets for a refusal: the message, and the way back to the hub
+    under the hub's ``base_url``."""
+    home = f"{base_url.rstrip('/')}/hub/home"
+    return _REFUSAL_PAGE.format(
+        status=status, message=html.escape(message), home=html.escape(home, quote=True)
+    )
 
 
 def enforce_handlers(enforcer: Enforcer) -> list[tuple[str, Any, dict[str, Any]]]:
