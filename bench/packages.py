@@ -75,7 +75,7 @@ def _proxy(root: Path, upstream: str) -> Iterator[str]:
         requests=requests_store,
         role_rules={"bench": ["*"]},
         roles_of=roles_of,
-        users_by_address=lambda: {"127.0.0.1": "bench"},
+        owner_of=lambda address: "bench" if address == "127.0.0.1" else None,
         record=lambda *args, **kwargs: records.append((args, kwargs)),
         flush=flush,
         temp_dir=root / "state" / "packages" / "tmp",

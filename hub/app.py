@@ -161,6 +161,7 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         :mod:`ztlab.hub.packages.gateway`); environment builds install through it."""
         from ztlab.hub.identity import granted_roles
         from ztlab.hub.packages.gateway import PackageGateway
+        from ztlab.hub.packages.rules import role_rules
 
         assert plane.mirror is not None
         assert plane.package_requests is not None
@@ -173,23 +174,15 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
                 return frozenset()
             return granted_roles(await user.get_auth_state() or {})
 
-        def users_by_address() -> dict[str, str]:
-            if plane.sandbox is None:
-                return {}
-            segments = plane.sandbox.segments
-            found = {}
-            for name in segments.users():
-                netns = segments.get(name)
-                if netns is not None:
-                    found[netns.sandbox_ip] = name
-            return found
+        def owner_of(address: str) -> str | None:
+            return plane.sandbox.segments.owner_of(address) if plane.sandbox else None
 
         gateway = PackageGateway(
             mirror=plane.mirror,
             requests=plane.package_requests,
-            role_rules={name: list(role.packages) for name, role in config.roles.items()},
+            role_rules=role_rules(config.roles),
             roles_of=roles_of,
-            users_by_address=users_by_address,
+            owner_of=owner_of,
             record=plane.record,
             flush=plane.flush,
             temp_dir=config.state_dir / "packages" / "tmp",

@@ -30,7 +30,6 @@ from ztlab.hub.identity import DATA_SCOPE, SERVER_TOKEN_SCOPES, rbac_roles
 from ztlab.hub.private import state_directory, state_file
 from ztlab.hub.spawner.serverenv import install as install_server_config
 from ztlab.hub.spawner.serverenv import server_command
-from ztlab.kernels.kernelspec import KERNEL_NAME
 from ztlab.kernels.kernelspec import install as install_kernelspec
 
 #: the entry-point names the hub is configured with (see pyproject.toml)
@@ -205,7 +204,7 @@ def _servers(c: Config, plane: ControlPlane) -> None:
     c.Spawner.default_url = "/lab"
     # the server's token (inherited by its kernels) may use the control plane's API, no more
     c.Spawner.server_token_scopes = SERVER_TOKEN_SCOPES
-    # the secure kernel (ztlab extension preloaded) is every server's default kernel
+    # the secure kernel (ztlab extension preloaded): the default kernel of a server with no
+    # environment (the spawners name each server's default kernel, DedicatedUserSpawner)
     install_kernelspec(Path(sys.prefix))
-    c.Spawner.args = [f"--MappingKernelManager.default_kernel_name={KERNEL_NAME}"]
     c.Spawner.http_timeout = 60

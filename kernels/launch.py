@@ -16,10 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from ztlab.common.envlock import LOCK_NAME
 from ztlab.kernels.layers import ensure_layer
-
-#: the lock inside an environment's folder (ztlab.common.envlock.LOCK_NAME)
-LOCK_NAME = "ztlab-environment.json"
 
 
 def main(argv: list[str]) -> None:

@@ -50,6 +50,23 @@ class LoginStack:
     hub_log: Path
     hub: HubProcess
 
+    def config(self) -> Any:
+        """The stack's validated ztlab.toml."""
+        from ztlab.common.config import load_config
+
+        return load_config(self.hub.config)
+
+    def segments(self) -> Any:
+        """The servers' network (the stack's own pool and nftables table)."""
+        from ztlab.hub.sandbox.netns import NetworkSegments
+
+        sandbox = self.config().sandbox
+        return NetworkSegments(
+            pool=sandbox.address_pool,
+            table=sandbox.firewall_table,
+            state_file=self.state_dir / "sandbox" / "netns.json",
+        )
+
     def session(self, user_agent: str = "ztlab-e2e/1.0") -> requests.Session:
         session = requests.Session()
         session.headers["User-Agent"] = user_agent

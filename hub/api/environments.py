@@ -191,13 +191,15 @@ class RulesHandler(_PackagesAPIHandler):
     """The caller's allowlist: their roles' rules and their approved requests."""
 
     async def get(self) -> None:
-        from ztlab.hub.packages.rules import PackageRules
+        from ztlab.hub.packages.rules import PackageRules, role_rules
 
         principal = await self.principal()
-        roles = self.plane.config.roles
-        approved = self.requests.approved_rules(principal.name, principal.roles)
-        rules = PackageRules.for_user(
-            principal.roles, {n: list(r.packages) for n, r in roles.items()}, approved
+        rules = await asyncio.to_thread(
+            PackageRules.of_user,
+            principal.name,
+            principal.roles,
+            role_rules(self.plane.config.roles),
+            self.requests,
         )
         await self.reply(
             {"rules": [{"requirement": r.requirement, "source": r.source} for r in rules.rules]}

@@ -5,9 +5,9 @@ Users' servers point ``pip`` and ``uv`` here (``PIP_INDEX_URL``, ``UV_DEFAULT_IN
 API, nothing else. For every request the gateway:
 
 1. **knows the caller** by the source address: each sandbox has its own network namespace
-   and address (:class:`~ztlab.hub.sandbox.netns.NetworkSegments`), which the user inside
-   cannot change; an environment build of the control plane shows a one-time token
-   instead. An unknown address is refused.
+   and address (:meth:`~ztlab.hub.sandbox.netns.NetworkSegments.owner_of`, read for each
+   request), which the user inside cannot change; an environment build of the control
+   plane shows a one-time token instead. An unknown address is refused.
 2. **decides** with the caller's rules (:class:`~ztlab.hub.packages.rules.PackageRules`):
    a project page lists the allowed files; versions outside the allowed range are listed
    as yanked, with the rule as the reason (pip then installs them only when pinned with
@@ -26,9 +26,11 @@ API, nothing else. For every request the gateway:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import html
+import json
 import os
 import secrets
 import tempfile
@@ -83,7 +85,7 @@ class PackageGateway:
         requests: PackageRequests,
         role_rules: dict[str, list[str]],
         roles_of: RolesLookup,
-        users_by_address: Callable[[], dict[str, str]],
+        owner_of: Callable[[str], str | None],
         record: Recorder,
         flush: Callable[[], Awaitable[None]],
         temp_dir: Path,
@@ -92,8 +94,7 @@ class PackageGateway:
         self.requests = requests
         self.role_rules = role_rules
         self._roles_of = roles_of
-        self._users_by_address = users_by_address
-        self._addresses: dict[str, str] = {}
+        self._owner_of = owner_of
         self._builds: dict[str, str] = {}
         self.record = record
         self.flush = flush
@@ -149,23 +150,20 @@ class PackageGateway:
     async def caller(self, source_ip: str, authorization: str) -> Caller | None:
         """The caller of a request, or ``None`` when the gateway does not know it."""
         if authorization.startswith("Basic "):
-            import base64
-
             with contextlib.suppress(ValueError):
                 _, _, token = base64.b64decode(authorization[6:]).decode().partition(":")
                 label = self._builds.get(token)
                 if label is not None:
                     return Caller(label, PackageRules([Rule("*", "environment build")]), source_ip)
             return None
-        user = self._addresses.get(source_ip)
+        user = await asyncio.to_thread(self._owner_of, source_ip)
         if user is None:
-            self._addresses = await asyncio.to_thread(self._users_by_address)
-            user = self._addresses.get(source_ip)
-            if user is None:
-                return None
+            return None
         roles = await self._roles_of(user)
-        approved = await asyncio.to_thread(self.requests.approved_rules, user, roles)
-        return Caller(user, PackageRules.for_user(roles, self.role_rules, approved), source_ip)
+        rules = await asyncio.to_thread(
+            PackageRules.of_user, user, roles, self.role_rules, self.requests
+        )
+        return Caller(user, rules, source_ip)
 
     async def project_files(self, project: str) -> list[dict[str, Any]] | None:
         """The mirror's files of ``project`` (PEP 691 entries, URLs made absolute), or
@@ -180,8 +178,6 @@ class PackageGateway:
             if exc.code == 404:
                 return None
             raise
-        import json
-
         files: list[dict[str, Any]] = json.loads(response.body).get("files", [])
         for entry in files:
             entry["url"] = urljoin(url, entry["url"])

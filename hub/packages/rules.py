@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
@@ -55,6 +56,17 @@ def how_to_ask(project: str) -> str:
     return f'ztlab packages request {project} --reason "what it is for"'
 
 
+class ApprovedRules(Protocol):
+    """Where approved requests come from (:class:`~ztlab.hub.packages.PackageRequests`)."""
+
+    def approved_rules(self, user: str, roles: frozenset[str]) -> list[Rule]: ...
+
+
+def role_rules(roles: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``[roles.NAME] packages`` of the configuration: role -> its rules."""
+    return {name: list(role.packages) for name, role in roles.items()}
+
+
 class PackageRules:
     """The allowlist of one user: their roles' rules and the requests approved for them."""
 
@@ -75,6 +87,18 @@ class PackageRules:
             for requirement in role_rules.get(role, ())
         ]
         return cls([*rules, *approved])
+
+    @classmethod
+    def of_user(
+        cls,
+        user: str,
+        roles: frozenset[str],
+        role_rules: Mapping[str, Iterable[str]],
+        requests: ApprovedRules,
+    ) -> PackageRules:
+        """``user``'s allowlist: the rules of ``roles`` and the requests approved for them
+        (reads the request store: call it from a thread)."""
+        return cls.for_user(roles, role_rules, requests.approved_rules(user, roles))
 
     def for_project(self, project: str) -> list[Rule]:
         """The rules that name ``project`` (or any project)."""

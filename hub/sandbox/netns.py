@@ -370,6 +370,18 @@ class NetworkSegments:
             index = allocations.get(user)
         return None if index is None else self._netns_for(user, index)
 
+    def owner_of(self, address: str) -> str | None:
+        """The user whose sandbox has ``address`` (its end of the veth pair), or ``None``.
+
+        Read from the allocations each time: an address freed by :meth:`delete` may be
+        given to another user.
+        """
+        with self._state() as allocations:
+            for user, index in allocations.items():
+                if self._netns_for(user, index).sandbox_ip == address:
+                    return user
+        return None
+
     def allow(self, ns: Netns, *, dest: str, port: int, proto: str = "tcp") -> None:
         """Let ``ns`` open connections to ``dest:port`` on this host (idempotent).
 

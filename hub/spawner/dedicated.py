@@ -39,6 +39,7 @@ from ztlab.hub.identity import granted_roles
 from ztlab.hub.policy import Principal
 from ztlab.hub.spawner.failures import SpawnFailed, SpawnRefused, Stage
 from ztlab.hub.spawner.serverenv import server_environment
+from ztlab.kernels.kernelspec import KERNEL_NAME
 
 _UNIX_NAME = re.compile(r"[a-z_][a-z0-9_-]*\Z")
 
@@ -142,12 +143,19 @@ class DedicatedUserSpawner(LocalProcessSpawner):  # type: ignore[misc]
         except KeyError:
             return Path(self.home_root) / self.account
 
+    #: the server's default kernel: the secure kernel, or an environment's (SandboxSpawner)
+    default_kernel: str = KERNEL_NAME
+
     def get_args(self) -> list[str]:
         """JupyterHub's arguments, plus the notebook trust database in the user's home (the
-        server's data directory is the control plane's, read-only)."""
+        server's data directory is the control plane's, read-only) and the default kernel."""
         args: list[str] = super().get_args()
         notary = self.home / ".local" / "share" / "jupyter"
-        return [*args, f"--NotebookNotary.data_dir={notary}"]
+        return [
+            *args,
+            f"--NotebookNotary.data_dir={notary}",
+            f"--MappingKernelManager.default_kernel_name={self.default_kernel}",
+        ]
 
     # -- the stages ------------------------------------------------------------------------
 

@@ -41,8 +41,10 @@ from typing import Any
 
 from traitlets import Float, Integer, default
 
+from ztlab.hub.environments.build import KERNEL_PREFIX
 from ztlab.hub.policy import Principal
 from ztlab.hub.spawner.dedicated import DedicatedUserSpawner, SpawnFailed, mlflow_env
+from ztlab.kernels.kernelspec import KERNEL_NAME
 
 
 class SandboxSpawner(DedicatedUserSpawner):
@@ -293,6 +295,9 @@ class SandboxSpawner(DedicatedUserSpawner):
         if plane.mirror is not None:
             env.update(package_environment(sandbox.segments.service_ip, config.packages.port))
         environments = self.granted_environments(roles)
+        self.default_kernel = (
+            KERNEL_PREFIX + default_environment(environments).name if environments else KERNEL_NAME
+        )
         command = [*self.cmd, *self.get_args()]
         if environments:
             env.update(environment_variables(environments, Path(entry.pw_dir), env["PATH"]))
@@ -510,21 +515,16 @@ def default_environment(environments: list[Any]) -> Any:
 
 def environment_command(environments: list[Any], command: list[str]) -> list[str]:
     """The server's command, after the user's layers are made; only the environments'
-    kernels are offered, the default one first."""
-    from ztlab.hub.environments.build import KERNEL_PREFIX
-
+    kernels are offered."""
     kernels = [KERNEL_PREFIX + e.name for e in environments]
-    default = KERNEL_PREFIX + default_environment(environments).name
-    flag = "--MappingKernelManager.default_kernel_name="
     return [
         command[0],
         "-I",
         "-m",
         "ztlab.kernels.layers",
         "--",
-        *(arg for arg in command if not arg.startswith(flag)),
+        *command,
         f"--KernelSpecManager.allowed_kernelspecs={kernels!r}",
-        flag + default,
     ]
 
 

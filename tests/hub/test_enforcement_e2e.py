@@ -52,7 +52,6 @@ from tests.hubstack import (
     wait_ready,
 )
 from ztlab.hub.identity import DATA_SCOPE
-from ztlab.hub.sandbox.netns import NetworkSegments
 from ztlab.hub.spawner.serverenv import CONFIG_DIR
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -479,7 +478,7 @@ def test_the_server_still_checks_credentials_itself(
     """The second line: a request that reached the server without the hub's credentials
     (here straight from the proxy's host, with the proxy's client certificate) is refused
     by the server too, although una's config asked it to allow unauthenticated access."""
-    netns = _segments(stack).get("una")
+    netns = stack.segments().get("una")
     assert netns is not None
     certs = stack.state_dir / "hub" / "internal-ssl"
     client = certs / "proxy-client"
@@ -492,12 +491,6 @@ def test_the_server_still_checks_credentials_itself(
     )
     assert answer.status_code in (302, 403), answer.status_code
     assert "person" not in answer.text
-
-
-def _segments(stack: LoginStack) -> NetworkSegments:
-    return NetworkSegments(
-        pool=POOL, table=TABLE, state_file=stack.state_dir / "sandbox" / "netns.json"
-    )
 
 
 # -- a replaced server, and a server that exits ------------------------------------------------
@@ -527,7 +520,7 @@ def test_a_replaced_server_gets_nothing_without_the_owners_credentials(
     credentials, with otto's token and with otto's session never reach it; una's own do."""
     otto = _browser_session(stack, "otto")
     otto_cookie = otto.cookies.get("ztlab-session", path="/user/otto/")
-    netns = _segments(stack).get("una")
+    netns = stack.segments().get("una")
     assert netns is not None
     entry = pwd.getpwnam("ztl-una")
     subprocess.run(["pkill", "-KILL", "-u", "ztl-una"], check=False)
@@ -576,7 +569,7 @@ def test_when_the_server_process_exits_its_sandbox_ends(
     """otto's kernel starts a detached listener, then kills its own server: everything in
     the sandbox ends with the server, so nothing is left to take over its address."""
     kernel = KernelSession(stack.hub_url, "otto", servers["otto"])
-    netns = _segments(stack).get("otto")
+    netns = stack.segments().get("otto")
     assert netns is not None
     code = (
         "import os, subprocess, sys, time\n"

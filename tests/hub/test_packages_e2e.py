@@ -240,16 +240,7 @@ def test_a_tampered_cache_is_refused(packages: PackageStack) -> None:
 
 def test_no_other_index_or_address_is_reachable(packages: PackageStack) -> None:
     _server(packages, "pete")
-    stack = packages.stack
-    from ztlab.common.config import load_config
-    from ztlab.hub.sandbox.netns import NetworkSegments
-
-    config = load_config(stack.hub.config)
-    segments = NetworkSegments(
-        pool=config.sandbox.address_pool,
-        table=config.sandbox.firewall_table,
-        state_file=config.state_dir / "sandbox" / "netns.json",
-    )
+    config, segments = packages.stack.config(), packages.stack.segments()
     netns = segments.get("pete")
     assert netns is not None
     upstream_port = int(packages.upstream.rsplit(":", 1)[1].strip("/"))
@@ -288,15 +279,7 @@ def test_no_other_index_or_address_is_reachable(packages: PackageStack) -> None:
 
 def test_the_gateway_refuses_a_caller_it_does_not_know(packages: PackageStack) -> None:
     """Not a sandbox's address (a process on the host), or a made-up build token."""
-    from ztlab.common.config import load_config
-    from ztlab.hub.sandbox.netns import NetworkSegments
-
-    config = load_config(packages.stack.hub.config)
-    segments = NetworkSegments(
-        pool=config.sandbox.address_pool,
-        table=config.sandbox.firewall_table,
-        state_file=config.state_dir / "sandbox" / "netns.json",
-    )
+    config, segments = packages.stack.config(), packages.stack.segments()
     url = f"http://{segments.service_ip}:{config.packages.port}/files/tinyc/"
     wheel = url + "tinyc-1.0-py3-none-any.whl"
     session = requests.Session()

@@ -178,6 +178,21 @@ def test_namespaces_get_their_own_addresses_and_names(net: Net) -> None:
     assert again.get(a.name[4:]) == a
 
 
+def test_an_address_names_its_user_until_it_is_freed(net: Net) -> None:
+    a, b = net.a, net.b
+    assert net.segments.owner_of(a.sandbox_ip) == a.name[4:]
+    assert net.segments.owner_of(b.sandbox_ip) == b.name[4:]
+    assert net.segments.owner_of(a.host_ip) is None  # the host's end is nobody's sandbox
+    assert net.segments.owner_of(net.segments.service_ip) is None
+    third = f"tc{os.getpid() % 100000}"
+    c = net.segments.create(third)
+    try:
+        assert net.segments.owner_of(c.sandbox_ip) == third
+    finally:
+        net.segments.delete(third)
+    assert net.segments.owner_of(c.sandbox_ip) is None
+
+
 def test_host_reaches_a_server_only_on_an_allowed_port(net: Net) -> None:
     serve_in(net, net.a, 18080, 18081)
     assert not reachable(None, net.a.sandbox_ip, 18080)
