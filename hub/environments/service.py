@@ -167,8 +167,11 @@ class EnvironmentService:
             return None
         current = self.registry.current("base")
         if current is not None:
-            lock, _, _ = self.registry.locked(current)
-            if lock.runtime == runtime_digest():
+            try:
+                lock, _, _ = self.registry.locked(current)
+            except (ZtlabError, OSError):
+                lock = None  # an unreadable or changed lock: build afresh, never fail the hub
+            if lock is not None and lock.runtime == runtime_digest():
                 return None
         return self._start("base", by=SYSTEM, layer_on=None)
 
