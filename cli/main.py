@@ -44,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ztlab.cli.packages:packages_group",
         "Ask for packages; decide requests (admins).",
     ),
+    "pools": (
+        "ztlab.cli.pools:pools_group",
+        "List pools and your clusters; stop a cluster.",
+    ),
     "policy": (
         "ztlab.cli.policy:policy_group",
         "Query and check the Cedar access policies (deny by default).",

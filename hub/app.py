@@ -21,6 +21,7 @@ stopped, a final audit checkpoint signed).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -36,7 +37,7 @@ from traitlets.config import Config
 
 from ztlab.common.config import load_config
 from ztlab.common.config.model import RoleConfig
-from ztlab.hub.controlplane import SETTINGS_KEY, ControlPlane, KnownUser
+from ztlab.hub.controlplane import SETTINGS_KEY, SYSTEM_ACTOR, ControlPlane, KnownUser
 from ztlab.hub.private import state_directory
 from ztlab.hub.proxy.egress import EgressMeter
 from ztlab.hub.proxy.enforce import Enforcer
@@ -44,6 +45,8 @@ from ztlab.hub.settings import jupyterhub_settings
 
 #: how often, in seconds, the hub checks that the plane's service processes still run
 SERVICE_CHECK_SECONDS = 10
+#: seconds between sweeps of the pools' clusters (lifetime, lost role or session, renewal)
+CLUSTER_SWEEP_SECONDS = 10
 #: how often, in seconds, the enforcement point records what it let through
 ACCESS_SUMMARY_SECONDS = 60
 #: how often, in seconds, the egress accounting reads the proxy's access log
@@ -139,6 +142,10 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         watch = PeriodicCallback(plane.watch_services, SERVICE_CHECK_SECONDS * 1000)
         self._periodic_callbacks["ztlab-services"] = watch
         watch.start()
+        if plane.clusters is not None:
+            sweep = PeriodicCallback(self.sweep_clusters, CLUSTER_SWEEP_SECONDS * 1000)
+            self._periodic_callbacks["ztlab-clusters"] = sweep
+            sweep.start()
         assert self.enforcer is not None  # made by init_handlers
         summary = PeriodicCallback(self.enforcer.flush_summary, ACCESS_SUMMARY_SECONDS * 1000)
         self._periodic_callbacks["ztlab-access-summary"] = summary
@@ -199,6 +206,48 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
 
             plane.environments.index_for = index_for
             plane.environments.ensure_base()
+
+    async def sweep_clusters(self) -> None:
+        """Stop clusters past their lifetime or whose owner lost the pool or the session
+        (no server running); renew their own certificates (see ClusterService.sweep)."""
+        from ztlab.hub.compute.service import Session
+        from ztlab.hub.identity import granted_roles
+
+        plane = self.control_plane
+        assert plane is not None and plane.clusters is not None
+        sessions: dict[str, Session | None] = {}
+        for record in plane.clusters.store.active():
+            if record.owner in sessions:
+                continue
+            try:
+                user = self.users[record.owner]
+            except KeyError:
+                sessions[record.owner] = None
+                continue
+            roles = granted_roles(await user.get_auth_state() or {})
+            sessions[record.owner] = Session(roles=roles, active=user.spawner.active)
+        try:
+            await asyncio.to_thread(plane.clusters.sweep, sessions.get, actor=SYSTEM_ACTOR)
+        except Exception:
+            self.log.exception("sweeping the pools' clusters failed")
+        await self.collect_refusals()
+
+    async def collect_refusals(self) -> None:
+        """Ask each running cluster's scheduler for the connections it refused; record them."""
+        from ztlab.hub.compute.probe import ask_scheduler
+
+        plane = self.control_plane
+        assert plane is not None and plane.clusters is not None
+        for record in plane.clusters.store.active():
+            if record.state != "running":
+                continue
+            try:
+                entries = await ask_scheduler(plane.clusters, record, "ztlab_refusals")
+            except Exception as exc:  # noqa: BLE001 - one silent cluster must not stop the rest
+                self.log.warning("cluster %s did not hand over its refusals: %s", record.id, exc)
+                continue
+            if entries:
+                plane.clusters.record_refusals(record, entries)
 
     def _poll_egress(self) -> None:
         if self.egress is not None:

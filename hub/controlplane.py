@@ -38,6 +38,7 @@ from ztlab.hub.policy import PolicyEngine
 from ztlab.hub.private import private_directory
 
 if TYPE_CHECKING:
+    from ztlab.hub.compute.service import ClusterService
     from ztlab.hub.environments import EnvironmentService
     from ztlab.hub.gpu.backend import LeaseBackend
     from ztlab.hub.gpu.inventory import Inventory
@@ -104,6 +105,7 @@ class ControlPlane:
         environments: EnvironmentService | None = None,
         mirror: PackageMirror | None = None,
         package_requests: PackageRequests | None = None,
+        clusters: ClusterService | None = None,
     ) -> None:
         """Use :meth:`open`; this takes services that are already open."""
         self.config = config
@@ -119,6 +121,7 @@ class ControlPlane:
         self.environments = environments
         self.mirror = mirror
         self.package_requests = package_requests
+        self.clusters = clusters
         #: the sink every service records through (catalogued events only)
         self.events = CataloguedSink(audit)
         self._closed = False
@@ -179,6 +182,9 @@ class ControlPlane:
                 opened.append(leases)
             environments, mirror, package_requests = _packages(config, source, policy, events)
             opened += [s for s in (environments, package_requests) if s is not None]
+            clusters = _clusters(config, source, policy, events, sandbox, inventory, leases)
+            if clusters is not None:
+                opened.append(clusters)
         except BaseException:
             for service in reversed(opened):
                 service.close()
@@ -197,6 +203,7 @@ class ControlPlane:
             environments=environments,
             mirror=mirror,
             package_requests=package_requests,
+            clusters=clusters,
         )
         plane.record(
             SYSTEM_ACTOR,
@@ -220,6 +227,8 @@ class ControlPlane:
             names.append("gpu-leases")
         if self.mirror is not None:
             names += ["packages", "environments"]
+        if self.clusters is not None:
+            names.append("clusters")
         return names
 
     # -- auditing ------------------------------------------------------------------------
@@ -267,6 +276,13 @@ class ControlPlane:
         """
         known = list(users)
         running = {(user.name, server) for user in known for server in user.running}
+        if self.clusters is not None:  # before the leases: a cluster's lease is its own
+            self.clusters.reconcile(
+                {user.name for user in known if user.running}, actor=SYSTEM_ACTOR
+            )
+            running |= {
+                (c.owner, f"cluster-{c.id}") for c in self.clusters.store.active()
+            }
         released: list[str] = []
         if self.leases is not None:
             for lease in self.leases.active():
@@ -307,7 +323,7 @@ class ControlPlane:
                 self.model_server.stop()
             if self.mirror is not None:
                 self.mirror.stop()
-            for service in (self.environments, self.package_requests):
+            for service in (self.environments, self.package_requests, self.clusters):
                 if service is not None:
                     service.close()
             if self.leases is not None:
@@ -388,6 +404,34 @@ def _packages(
         registry=EnvironmentRegistry(config.state_dir / "environments"),
     )
     return environments, PackageMirror(config, config_source=source), requests
+
+
+def _clusters(
+    config: ZtlabConfig,
+    source: str,
+    policy: PolicyEngine,
+    events: CataloguedSink,
+    sandbox: Sandboxing | None,
+    inventory: Inventory | None,
+    leases: LeaseBackend | None,
+) -> ClusterService | None:
+    """The pools' clusters (whenever pools are configured)."""
+    if not config.gpu.pools or (config.compute.backend == "local" and sandbox is None):
+        return None  # the local backend runs clusters in the users' sandboxes
+    from ztlab.hub.compute.backend import compute_backend
+    from ztlab.hub.compute.service import ClusterService
+
+    def record(actor: str, action: str, **detail: Any) -> None:
+        events.record(actor=actor, action=action, detail=detail)
+
+    backend = compute_backend(config.compute.backend, source=source).open(
+        config=config,
+        cgroups=sandbox.cgroups if sandbox is not None else None,
+        segments=sandbox.segments if sandbox is not None else None,
+    )
+    return ClusterService(
+        config, policy=policy, record=record, leases=leases, inventory=inventory, backend=backend
+    )
 
 
 def _sandboxing(config: ZtlabConfig) -> Sandboxing:

@@ -47,6 +47,11 @@ class EventType:
 
 
 _USER = "the hub user"
+_CLUSTER = {
+    "cluster": "cluster id",
+    "owner": "the user who started it",
+    "pool": "the pool",
+}
 _SYSTEM = "``ztlab-hub`` (the control plane on its own)"
 
 _LEASE_FIELDS = {
@@ -467,6 +472,64 @@ _TYPES: tuple[EventType, ...] = (
             "decision": "``approved`` or ``denied``",
             "scope": "who the approval allows (``user:NAME`` or ``role:NAME``)",
             "note": "the admin's note",
+        },
+    ),
+    EventType(
+        "pool.cluster_started",
+        "A user's Dask cluster started in a pool (scheduler listening, workers starting).",
+        _USER,
+        {
+            **_CLUSTER,
+            "workers": "how many workers",
+            "gpus": "GPU ids leased for the workers, one per GPU worker",
+            "lease": "the GPU lease id (none without GPUs)",
+            "shared_with": "users the owner shares it with",
+            "scheduler": "the scheduler's address (in the owner's network namespace)",
+            "expires_at": "when the control plane stops it at the latest (UTC)",
+        },
+        frozenset({"lease"}),
+    ),
+    EventType(
+        "pool.cluster_refused",
+        "A cluster was not started: the policy, the pool's roles or a quota said no.",
+        _USER,
+        {"pool": "the pool", "workers": "workers asked for", "gpus": "GPUs asked for",
+         "reason": "the message the user got"},
+    ),
+    EventType(
+        "pool.cluster_failed",
+        "A cluster's processes did not start; its GPUs were released.",
+        _USER,
+        {**_CLUSTER, "error": "what failed"},
+    ),
+    EventType(
+        "pool.cluster_stopped",
+        "A cluster was stopped and its GPUs released.",
+        "who stopped it, or ``ztlab-hub`` (lifetime, lost role or session, reconciliation)",
+        {**_CLUSTER, "reason": "why", "leases_released": "lease ids released"},
+    ),
+    EventType(
+        "pool.certificate_issued",
+        "The pool's authority issued a client certificate to a user.",
+        _USER,
+        {
+            "pool": "the pool",
+            "holder": "the identity the certificate names",
+            "serial": "its serial number (hex)",
+            "expires_at": "when it expires (UTC)",
+            "cluster": "the cluster it was issued with (empty for a renewal)",
+        },
+    ),
+    EventType(
+        "pool.connection_refused",
+        "A cluster's scheduler or worker refused a connection (collected from the scheduler).",
+        "``cluster ID`` (the owner's processes hold the record until the hub collects it)",
+        {
+            **_CLUSTER,
+            "peer": "the address that connected",
+            "reason": "why it was refused",
+            "holder": "the identity its certificate named (none: no valid certificate)",
+            "count": "how many times within 10 s from that address for that reason",
         },
     ),
     EventType(

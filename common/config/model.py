@@ -1118,6 +1118,75 @@ class GpuPool(_Model):
             'required (an empty array closes the pool). Example: `roles = ["trainer"]`.'
         ),
     )
+    max_clusters: int = Field(
+        default=1,
+        ge=0,
+        description=(
+            "Dask clusters one user may run in the pool at once (an integer >= 0; 0 lets "
+            "nobody start one). Default: `1`. Example: `max_clusters = 2`. Added in 0.4."
+        ),
+    )
+    max_workers: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description=(
+            "Workers one user may run in the pool at once, over all their clusters (1-256). "
+            "Default: `4`. Example: `max_workers = 8`. Added in 0.4."
+        ),
+    )
+    max_cluster_gpus: int = Field(
+        default=1,
+        ge=0,
+        description=(
+            "GPUs one user's clusters may lease from the pool at once (an integer >= 0); the "
+            "roles' `max_gpus` still caps everything the user leases, servers included. "
+            "Default: `1`. Example: `max_cluster_gpus = 4`. Added in 0.4."
+        ),
+    )
+    worker_memory: MemorySize = Field(
+        default=4 * 1024**3,
+        description=(
+            'Memory limit of one worker (its own cgroup): a size such as "16G". '
+            'Default: `"4G"`. Example: `worker_memory = "32G"`. Added in 0.4.'
+        ),
+    )
+    worker_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "CPU cores one worker may use (a number > 0). Default: `1`. "
+            "Example: `worker_cpus = 4`. Added in 0.4."
+        ),
+    )
+    cluster_hours: float = Field(
+        default=8.0,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "Hours a cluster may run before the control plane stops it and releases its "
+            "GPUs (a number > 0). Default: `8`. Example: `cluster_hours = 24`. Added in 0.4."
+        ),
+    )
+    certificate_minutes: int = Field(
+        default=60,
+        ge=5,
+        le=60,
+        description=(
+            "Lifetime of the certificates the pool's authority issues to clients, "
+            "schedulers and workers, in minutes (5-60); clients renew theirs while their "
+            "session lives. Default: `60`. Example: `certificate_minutes = 30`. Added in 0.4."
+        ),
+    )
+    allow_sharing: bool = Field(
+        default=False,
+        description=(
+            "Whether an owner may share a cluster with named users (each must be allowed "
+            "in the pool by the policy). Default: `false`. Example: `allow_sharing = true`. "
+            "Added in 0.4."
+        ),
+    )
 
 
 class ModelsConfig(_Model):
@@ -1287,6 +1356,30 @@ class GpuConfig(_Model):
     )
 
 
+class ComputeConfig(_Model):
+    """``[compute]``: who runs the users' Dask clusters in the GPU pools."""
+
+    backend: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")] = Field(
+        default="local",
+        description=(
+            "Which compute backend runs clusters: the name of a `ztlab.compute_backends` "
+            "entry point. `local` runs each cluster's scheduler and workers on this machine, "
+            "as the owner's account, in the owner's network namespace. Default: `local`. "
+            'Example: `backend = "local"`. Added in 0.4.'
+        ),
+    )
+    port_base: int = Field(
+        default=9700,
+        ge=1024,
+        le=65000,
+        description=(
+            "First port of the schedulers (and, one above each, their dashboards) inside a "
+            "user's network namespace; a user's Nth cluster listens on `port_base + 2*N`. "
+            "Default: `9700`. Example: `port_base = 9700`. Added in 0.4."
+        ),
+    )
+
+
 # --------------------------------------------------------------------------------------
 # The whole file
 # --------------------------------------------------------------------------------------
@@ -1349,6 +1442,9 @@ class ZtlabConfig(_Model):
         ),
     )
     gpu: GpuConfig = Field(default_factory=GpuConfig, description="GPU pools.")
+    compute: ComputeConfig = Field(
+        default_factory=ComputeConfig, description="Dask clusters in the GPU pools."
+    )
     models: ModelsConfig = Field(
         default_factory=ModelsConfig,
         description="MLflow behind the hub, signed models and two-person approvals.",

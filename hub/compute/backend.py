@@ -14,7 +14,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Self
 
+from ztlab.common.config import ZtlabConfig
 from ztlab.hub.backends import check_complete, load_backend
 
 #: the entry-point group compute backends register in
@@ -25,13 +27,31 @@ ENTRY_POINT_GROUP = "ztlab.compute_backends"
 class ClusterRequest:
     """What the control plane asks a backend to run, after its decisions."""
 
+    id: str
     owner: str
     pool: str
     workers: int
-    #: GPU ids leased for the workers (one per worker where GPUs are asked for)
+    #: GPU ids leased for the workers (worker ``i`` gets ``gpus[i]``; the rest run on CPUs)
     gpus: tuple[str, ...] = ()
+    #: ``N`` of ``/dev/nvidiaN`` of each leased GPU, in the same order
+    minors: tuple[int, ...] = ()
+    #: what ``CUDA_VISIBLE_DEVICES`` names each leased GPU by, in the same order
+    cuda_ids: tuple[str, ...] = ()
     #: users the owner shares the cluster with (already allowed by policy)
     shared_with: tuple[str, ...] = ()
+    #: the scheduler's and its dashboard's ports
+    port: int
+    dashboard_port: int
+    #: each worker's memory limit (bytes) and CPU cores
+    worker_memory: int
+    worker_cpus: float
+    #: the spec the cluster's processes read (``cluster.json``), less the scheduler's host
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    #: credentials by file name (``ca.pem``, ``scheduler.key``, ``worker-0.pem``, ...)
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    #: the control plane's own certificate and key files (never handed to the cluster),
+    #: for a backend that checks the scheduler answers
+    probe_certificate: tuple[str, str] = ("", "")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,10 +61,18 @@ class Cluster:
     id: str
     owner: str
     pool: str
-    scheduler_address: str
+    #: the scheduler's host, as the owner's processes reach it
+    host: str
+    port: int
+    dashboard_port: int
     workers: int
     started_at: float
     details: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def scheduler_address(self) -> str:
+        """``tls://HOST:PORT``."""
+        return f"tls://{self.host}:{self.port}"
 
 
 class ComputeBackend(ABC):
@@ -53,6 +81,12 @@ class ComputeBackend(ABC):
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         check_complete(cls, ComputeBackend)
+
+    @classmethod
+    @abstractmethod
+    def open(cls, *, config: ZtlabConfig, cgroups: Any, segments: Any) -> Self:
+        """The backend for a validated configuration (``cgroups`` and ``segments``: the
+        sandbox's, or ``None`` on a hub without it)."""
 
     @abstractmethod
     def start(self, request: ClusterRequest) -> Cluster:
@@ -65,6 +99,10 @@ class ComputeBackend(ABC):
     @abstractmethod
     def stop(self, cluster_id: str, *, reason: str) -> None:
         """Stop a cluster and everything it runs."""
+
+    @abstractmethod
+    def renew(self, cluster_id: str, files: Mapping[str, bytes]) -> None:
+        """Replace credential files of a running cluster (its processes load them)."""
 
     @abstractmethod
     def close(self) -> None:

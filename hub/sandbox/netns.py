@@ -402,6 +402,15 @@ class NetworkSegments:
         element = f'"{ns.host_if}" . {_ipv4(ns.sandbox_ip)} . {_proto(proto)} . {_port(port)}'
         _run(["nft", "add", "element", "inet", self._table, "ingress_allow", f"{{ {element} }}"])
 
+    def forbid_ingress(self, ns: Netns, *, port: int, proto: str = "tcp") -> None:
+        """Undo one :meth:`allow_ingress` (idempotent)."""
+        if not self._table_exists():
+            return
+        element = f'"{ns.host_if}" . {_ipv4(ns.sandbox_ip)} . {_proto(proto)} . {_port(port)}'
+        _succeeds(
+            ["nft", "delete", "element", "inet", self._table, "ingress_allow", f"{{ {element} }}"]
+        )
+
     def revoke_all(self, ns: Netns) -> None:
         """Remove every :meth:`allow` and :meth:`allow_ingress` of ``ns``."""
         if not self._table_exists():

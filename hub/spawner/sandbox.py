@@ -389,7 +389,13 @@ class SandboxSpawner(DedicatedUserSpawner):
         await self.plane.flush()
 
     def _end(self, *, reason: str) -> list[Any]:
-        """Kill the sandbox's processes and release the server's leases (a thread)."""
+        """Kill the sandbox's processes and release the server's leases (a thread); the
+        default server's end also ends the user's clusters (their session in the lab)."""
+        clusters = self.plane.clusters
+        if clusters is not None and not self.name:
+            clusters.stop_owner(
+                self.user.name, actor=self.user.name, reason=f"the owner's server {reason}"
+            )
         sandbox = self.plane.sandbox
         if sandbox is not None:
             cgroup = sandbox.cgroups.get(self.account)
@@ -435,44 +441,18 @@ class _Launch:
 
 
 def _spawn(launch: _Launch) -> subprocess.Popen[bytes]:
-    """Start the sandbox chain, its environment passed by descriptor (its token never
-    appears on a command line), its output in the server's log (0600, control plane)."""
-    from ztlab.hub.private import private_directory
-    from ztlab.hub.sandbox.bwrap import env_file_content, sandbox_argv
+    """Start the server's sandbox chain (see :func:`~ztlab.hub.sandbox.launch.start_sandboxed`)."""
+    from ztlab.hub.sandbox.launch import start_sandboxed
 
-    private_directory(launch.log.parent, what="server log directory")
-    log_fd = os.open(launch.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    read_end, write_end = os.pipe()
-    try:
-        try:
-            os.write(write_end, env_file_content(launch.env))
-        finally:
-            os.close(write_end)
-        argv = sandbox_argv(
-            launch.spec,
-            launch.command,
-            netns=launch.netns.name,
-            env_fd=read_end,
-            die_with_parent=False,  # servers outlive a hub restart
-            command_is_init=True,  # ... but not their own server process
-            bwrap=launch.tools["bwrap"],
-            nsenter=launch.tools["nsenter"],
-            setpriv=launch.tools["setpriv"],
-        )
-        # the child joins the user's cgroup before it execs anything (needs root)
-        return subprocess.Popen(
-            argv,
-            preexec_fn=launch.cgroup.preexec(),
-            pass_fds=(read_end,),
-            stdin=subprocess.DEVNULL,
-            stdout=log_fd,
-            stderr=log_fd,
-            start_new_session=True,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        )
-    finally:
-        os.close(read_end)
-        os.close(log_fd)
+    return start_sandboxed(
+        spec=launch.spec,
+        command=launch.command,
+        env=launch.env,
+        netns=launch.netns.name,
+        cgroup=launch.cgroup,
+        log=launch.log,
+        tools=launch.tools,
+    )
 
 
 def package_environment(service_ip: str, port: int) -> dict[str, str]:
@@ -530,19 +510,17 @@ def environment_command(environments: list[Any], command: list[str]) -> list[str
 
 def _tools(bwrap: str) -> dict[str, str]:
     """The sandbox's programs, resolved now so that a missing one fails the sandbox stage."""
-    found: dict[str, str] = {}
-    for name, program in (("bwrap", bwrap), ("nsenter", "nsenter"), ("setpriv", "setpriv")):
-        path = shutil.which(program)
-        if path is None:
-            package = "bubblewrap" if name == "bwrap" else "util-linux"
-            raise SpawnFailed(
-                "sandbox",
-                f"The sandbox cannot start: {program} is not installed on this hub.",
-                hint=f"An administrator must install the Debian package {package} "
-                "(`make up` does) or set [sandbox] bwrap to its path.",
-            )
-        found[name] = path
-    return found
+    from ztlab.hub.sandbox.bwrap import SandboxError
+    from ztlab.hub.sandbox.launch import sandbox_tools
+
+    try:
+        return sandbox_tools(bwrap)
+    except SandboxError as exc:
+        raise SpawnFailed(
+            "sandbox",
+            f"The sandbox cannot start: {exc.message}.",
+            hint=f"An administrator must {exc.hint}.",
+        ) from exc
 
 
 def _port(url: str) -> int:
@@ -561,7 +539,6 @@ def _cuda_ids(plane: Any, lease: Any) -> list[str]:
 
 def _readonly_paths(system: tuple[Path, ...]) -> tuple[Path, ...]:
     """The system, plus the venv (which holds ztlab itself) where it lives outside it."""
-    venv = Path(sys.prefix).resolve()
-    if any(venv == p or venv.is_relative_to(p) for p in system):
-        return system
-    return (*system, venv)
+    from ztlab.hub.sandbox.launch import readonly_paths
+
+    return readonly_paths(system)

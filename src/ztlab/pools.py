@@ -1,0 +1,7 @@
+"""``ztlab.pools``: a Dask cluster of your own in a GPU pool, from a notebook."""
+
+from __future__ import annotations
+
+from ztlab.extensions.pools import cluster, clusters, stop
+
+__all__ = ["cluster", "clusters", "stop"]

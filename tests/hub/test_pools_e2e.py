@@ -1,0 +1,400 @@
+"""Users' Dask clusters in GPU pools, through the real hub, real schedulers and workers.
+
+One hub with two pools (``research``: GPUs 0 and 1; ``other``: GPU 2, as ``mknod`` nodes
+with NVIDIA's major 195). Trainers start clusters from their sandboxed kernels with
+``ztlab.pools.cluster``; the workers are CPU workers here, each still leased and fenced to
+its GPU. The attacks are run against a real scheduler: plain TCP, another pool's
+certificate, another user's certificate, an expired one, another user's kernel, a second
+cluster past the quota (also from concurrent requests), a viewer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.hub.spawner.kernel_client import KernelSession
+from tests.hubstack import (
+    LoginStack,
+    hub_token,
+    nvidia_nodes,
+    provider_user,
+    remove_accounts,
+    running_stack,
+    spawn_server,
+    stop_server,
+    wait_ready,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+
+USERS = ("paula", "quinn", "uma")
+
+POOLS = """
+[gpu.pools.research]
+gpus = ["0", "1"]
+roles = ["trainer"]
+max_clusters = 1
+max_workers = 2
+max_cluster_gpus = 1
+worker_memory = "1G"
+cluster_hours = 1
+
+[gpu.pools.other]
+gpus = ["2"]
+roles = ["trainer"]
+"""
+
+
+@dataclass
+class PoolStack:
+    stack: LoginStack
+    tokens: dict[str, str]
+
+    def api(self, user: str, method: str, path: str, body: object = None) -> requests.Response:
+        return requests.request(
+            method,
+            f"{self.stack.hub_url}/hub/api/ztlab{path}",
+            json=body,
+            headers={"Authorization": f"token {self.tokens[user]}"},
+            timeout=120,
+        )
+
+    def server(self, user: str) -> None:
+        token = self.tokens[user]
+        model = requests.get(
+            f"{self.stack.hub_url}/hub/api/users/{user}",
+            headers={"Authorization": f"token {token}"},
+            timeout=30,
+        ).json()
+        if (model.get("servers") or {}).get("", {}).get("ready"):
+            return
+        answer = spawn_server(self.stack, user, token, {})
+        assert answer.status_code in (201, 202), answer.text
+        wait_ready(self.stack, user, token)
+
+    def kernel(self, user: str) -> KernelSession:
+        self.server(user)
+        return KernelSession(self.stack.hub_url, user, self.tokens[user])
+
+    def records(self, action: str, since: int = 0) -> list[dict[str, object]]:
+        time.sleep(0.5)
+        return [
+            {"actor": r.actor, **r.detail}
+            for r in self.stack.records()[since:]
+            if r.action == action
+        ]
+
+
+@pytest.fixture(scope="module")
+def pools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolStack]:
+    root = tmp_path_factory.mktemp("pools")
+    remove_accounts(*USERS)
+    try:
+        with (
+            nvidia_nodes(0, 1, 2),
+            running_stack(
+                root,
+                extra_config=POOLS,
+                extra_users={
+                    "paula": provider_user("paula", "ml-trainers"),
+                    "quinn": provider_user("quinn", "ml-trainers"),
+                    "uma": provider_user("uma", "viewers"),
+                },
+                pool="10.232.0.0/16",
+                table="ztlab_test_pools",
+            ) as stack,
+        ):
+            tokens = {user: hub_token(stack, user) for user in USERS}
+            yield PoolStack(stack, tokens)
+            for user in USERS:
+                stop_server(stack, user, tokens[user])
+    finally:
+        remove_accounts(*USERS)
+
+
+def _csr() -> tuple[ec.EllipticCurvePrivateKey, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
+        key, hashes.SHA256()
+    )
+    return key, request.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+START = """
+import os, ztlab.pools
+client = ztlab.pools.cluster("research", workers={workers}, gpus={gpus}, timeout=90)
+print("CLUSTER", client.ztlab_cluster["id"], client.ztlab_cluster["scheduler"])
+"""
+
+ON_WORKERS = """
+def probe():
+    import errno, os
+    out = {"uid": os.getuid(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    for minor in range(3):
+        try:
+            os.close(os.open(f"/dev/nvidia{minor}", os.O_RDWR))
+            out[minor] = 0
+        except OSError as exc:
+            out[minor] = exc.errno
+    return out
+import json
+print("PROBE", json.dumps(client.run(probe)))
+print("SUM", client.submit(sum, range(10)).result())
+"""
+
+
+def test_a_member_computes_on_a_cluster_of_their_own_fenced_to_its_gpu(
+    pools: PoolStack,
+) -> None:
+    since = len(pools.stack.records())
+    kernel = pools.kernel("paula")
+    try:
+        started = kernel.execute(START.format(workers=1, gpus=1), timeout=180)
+        assert "CLUSTER" in started.stdout, started.stdout + started.stderr
+        ran = kernel.execute(ON_WORKERS, timeout=60)
+    finally:
+        kernel.close()
+    assert "SUM 45" in ran.stdout, ran.stdout + ran.stderr
+    probes = json.loads(ran.stdout.split("PROBE ", 1)[1].splitlines()[0])
+    (probe,) = probes.values()
+    import pwd
+
+    assert probe["uid"] == pwd.getpwnam("ztl-paula").pw_uid  # the owner's account, not root
+    started_record = pools.records("pool.cluster_started", since)[0]
+    leased = int(started_record["gpus"][0])
+    other = 1 - leased
+    assert probe["cuda"] == str(leased)
+    # the leased GPU opens as far as a driver-less node can (ENXIO); the other GPU of the
+    # pool is not in the worker's sandbox (ENOENT), nor is the other pool's
+    assert probe[str(leased)] == 6
+    assert probe[str(other)] == 2
+    assert probe["2"] == 2
+    assert started_record["actor"] == "paula"
+    issued = pools.records("pool.certificate_issued", since)
+    assert issued[0]["holder"] == "ztlab://pool/research/user/paula"
+
+
+def _paula_cluster(pools: PoolStack) -> dict[str, object]:
+    rows = pools.api("paula", "GET", "/pools/clusters").json()["clusters"]
+    assert rows, "paula's cluster is not running"
+    return dict(rows[0])
+
+
+def _connect(address: str, ca: bytes, cert: bytes, key: bytes, tmp: Path) -> str:
+    """Run a task on ``address`` with these credentials; what happened."""
+    from distributed import Client
+    from distributed.security import Security
+
+    for name, data in (("ca.pem", ca), ("c.pem", cert), ("c.key", key)):
+        (tmp / name).write_bytes(data)
+    security = Security(
+        tls_ca_file=str(tmp / "ca.pem"),
+        tls_client_cert=str(tmp / "c.pem"),
+        tls_client_key=str(tmp / "c.key"),
+        require_encryption=True,
+    )
+    try:
+        with Client(address, security=security, timeout=5) as client:
+            return f"ran {client.submit(sum, [1, 2]).result(timeout=5)}"
+    except Exception as exc:  # noqa: BLE001 - the refusal is what is asserted
+        return f"refused: {type(exc).__name__}"
+
+
+def test_strangers_certificates_are_refused_and_audited(
+    pools: PoolStack, tmp_path: Path
+) -> None:
+    from distributed import Client
+
+    from ztlab.hub.compute.authority import PoolAuthority
+
+    cluster = _paula_cluster(pools)
+    address = str(cluster["scheduler"])
+    state = pools.stack.state_dir
+    research = PoolAuthority(state / "compute" / "ca" / "research", "research")
+    since = len(pools.stack.records())
+
+    # quinn, a trainer with a cluster of his own, holds a valid research certificate
+    pools.server("quinn")
+    key, csr = _csr()
+    answer = pools.api("quinn", "POST", "/pools/research/clusters", {"workers": 1, "gpus": 0, "csr": csr})
+    assert answer.status_code == 201, answer.text
+    quinn = answer.json()
+    ca = quinn["ca"].encode()
+    assert _connect(address, ca, quinn["certificate"].encode(), _pem(key), tmp_path).startswith(
+        "refused"
+    )
+
+    # a certificate from another pool's authority, naming paula
+    other = PoolAuthority(tmp_path / "other-ca", "research")  # same name, another key
+    key2, csr2 = _csr()
+    from ztlab.common.poolidentity import user_identity
+
+    forged = other.sign_request(csr2, user_identity("research", "paula"), minutes=10)
+    assert _connect(address, other.ca_pem, forged.certificate, _pem(key2), tmp_path).startswith(
+        "refused"
+    )
+
+    # an expired certificate from the right authority, naming paula
+    ca_key = serialization.load_pem_private_key(
+        (state / "compute" / "ca" / "research" / "ca.key").read_bytes(), password=None
+    )
+    key3 = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    expired = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "paula")]))
+        .issuer_name(x509.load_pem_x509_certificate(research.ca_pem).subject)
+        .public_key(key3.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=2))
+        .not_valid_after(now - datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier("ztlab://pool/research/user/paula")]
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    assert _connect(
+        address, research.ca_pem, expired.public_bytes(serialization.Encoding.PEM), _pem(key3), tmp_path
+    ).startswith("refused")
+
+    # plain TCP
+    try:
+        with Client(address.replace("tls://", "tcp://"), timeout=5) as client:
+            outcome = f"ran {client.submit(sum, [1]).result(timeout=5)}"
+    except Exception as exc:  # noqa: BLE001
+        outcome = f"refused: {type(exc).__name__}"
+    assert outcome.startswith("refused")
+
+    deadline = time.monotonic() + 45  # the hub collects refusals every 10 s
+    reasons: set[str] = set()
+    refused: list[dict[str, object]] = []
+    while time.monotonic() < deadline and len(reasons) < 4:
+        refused = pools.records("pool.connection_refused", since)
+        reasons = {str(r["reason"]) for r in refused}
+    assert {r["actor"] for r in refused} == {f"cluster {cluster['id']}"}
+    assert any("user quinn is neither the owner (paula)" in r for r in reasons), reasons
+    assert "the certificate is not from this pool's authority" in reasons
+    assert "the client certificate has expired" in reasons
+    assert "not a TLS connection (plain TCP)" in reasons
+    holders = {r["holder"] for r in refused}
+    assert "ztlab://pool/research/user/quinn" in holders
+
+
+def test_another_users_kernel_cannot_reach_the_scheduler(pools: PoolStack) -> None:
+    address = str(_paula_cluster(pools)["scheduler"])
+    host, port = address.removeprefix("tls://").rsplit(":", 1)
+    kernel = pools.kernel("quinn")
+    try:
+        result = kernel.execute(
+            "import socket\n"
+            "try:\n"
+            f"    socket.create_connection(({host!r}, {port}), timeout=5).close()\n"
+            "    print('REACHED')\n"
+            "except OSError as exc:\n"
+            "    print('BLOCKED', type(exc).__name__)\n",
+            timeout=30,
+        )
+    finally:
+        kernel.close()
+    assert "BLOCKED" in result.stdout, result.stdout
+
+
+def test_quota_message_names_the_limit_and_concurrent_requests_never_exceed_it(
+    pools: PoolStack,
+) -> None:
+    pools.server("paula")
+    since = len(pools.stack.records())
+
+    def ask() -> requests.Response:
+        _, csr = _csr()
+        return pools.api("paula", "POST", "/pools/research/clusters", {"workers": 1, "csr": csr})
+
+    with concurrent.futures.ThreadPoolExecutor(4) as executor:
+        answers = list(executor.map(lambda _: ask(), range(4)))
+    assert {a.status_code for a in answers} == {409}, [a.text for a in answers]
+    message = answers[0].json()["message"]
+    assert "Pool research allows 1 cluster(s) per user (max_clusters)" in message
+    cluster = _paula_cluster(pools)
+    assert f"you hold {cluster['id']} (1 workers, 1 GPUs, stops by " in message
+    assert len(pools.api("paula", "GET", "/pools/clusters").json()["clusters"]) == 1
+    assert len(pools.records("pool.cluster_refused", since)) == 4
+
+
+def test_a_non_member_is_refused_and_audited(pools: PoolStack) -> None:
+    pools.server("uma")
+    since = len(pools.stack.records())
+    kernel = pools.kernel("uma")
+    try:
+        result = kernel.execute(
+            "import ztlab.pools\n"
+            "try:\n"
+            "    ztlab.pools.cluster('research')\n"
+            "except Exception as exc:\n"
+            "    print('REFUSED', type(exc).__name__, exc)\n",
+            timeout=60,
+        )
+    finally:
+        kernel.close()
+    assert "REFUSED HubAPIError" in result.stdout, result.stdout + result.stderr
+    assert "Pool research is not open to you" in result.stdout
+    refused = pools.records("pool.cluster_refused", since)
+    assert [r["actor"] for r in refused] == ["uma"]
+
+
+def test_stopping_ends_the_processes_and_releases_the_gpu(pools: PoolStack) -> None:
+    cluster = _paula_cluster(pools)
+    since = len(pools.stack.records())
+    kernel = pools.kernel("paula")
+    try:
+        result = kernel.execute(
+            f"import ztlab.pools\nprint('STOPPED', ztlab.pools.stop({cluster['id']!r})['state'])",
+            timeout=60,
+        )
+    finally:
+        kernel.close()
+    assert "STOPPED stopped" in result.stdout, result.stdout + result.stderr
+    stopped = pools.records("pool.cluster_stopped", since)
+    assert stopped[0]["reason"] == "stopped by paula"
+    assert stopped[0]["leases_released"]
+    assert pools.records("gpu.lease.released", since)
+    from ztlab.hub.sandbox.cgroups import CgroupManager
+
+    cgroups = CgroupManager.detect(parent="ztlab")
+    left = [n for n in cgroups.names() if str(cluster["id"]) in n]
+    assert not left
+    assert not Path(f"/run/ztlab/clusters/{cluster['id']}").exists()
+
+
+def test_the_owners_server_stopping_ends_their_cluster(pools: PoolStack) -> None:
+    rows = pools.api("quinn", "GET", "/pools/clusters").json()["clusters"]
+    assert rows, "quinn's cluster (from the attack test) should run"
+    since = len(pools.stack.records())
+    stop_server(pools.stack, "quinn", pools.tokens["quinn"])
+    stopped = pools.records("pool.cluster_stopped", since)
+    assert [r["cluster"] for r in stopped] == [rows[0]["id"]]
+    assert stopped[0]["reason"].startswith("the owner's server")
+    assert not pools.api("quinn", "GET", "/pools/clusters").json()["clusters"]
