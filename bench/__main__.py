@@ -10,7 +10,7 @@ import time
 
 from bench._table import Row, render
 
-SUITES = ["policy", "audit", "login", "spawn", "proxy", "cli", "data", "model", "packages"]
+SUITES = ["policy", "audit", "login", "spawn", "proxy", "cli", "data", "model", "packages", "pools"]
 
 
 def main() -> None:

@@ -39,7 +39,9 @@ def list_command(hub_url: str | None, token_file: Path | None, config_path: Path
     for pool in pools:
         limits, held = pool["limits"], pool["holding"]
         access = "open to you" if pool["open_to_you"] else "not open to you"
-        click.echo(f"{pool['name']}: {pool['gpus']} GPUs, {access} (roles: {', '.join(pool['roles'])})")
+        click.echo(
+            f"{pool['name']}: {pool['gpus']} GPUs, {access} (roles: {', '.join(pool['roles'])})"
+        )
         if pool["description"]:
             click.echo(f"  {pool['description']}")
         click.echo(

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 from ztlab.common.errors import UsageError
 
@@ -101,8 +100,10 @@ def control_plane_identity(pool: str) -> PeerIdentity:
 
 def _checked(identity: PeerIdentity) -> PeerIdentity:
     if parse_uri(identity.uri) != identity:
-        raise IdentityError(f"cannot name {identity.kind} {identity.user or identity.cluster!r} "
-                            f"in pool {identity.pool!r} in a certificate")
+        raise IdentityError(
+            f"cannot name {identity.kind} {identity.user or identity.cluster!r} "
+            f"in pool {identity.pool!r} in a certificate"
+        )
     return identity
 
 
@@ -124,9 +125,7 @@ def identity_of(certificate_der: bytes) -> PeerIdentity | None:
     """The one identity a DER certificate names, or ``None`` (none, several, unreadable)."""
     try:
         certificate = x509.load_der_x509_certificate(certificate_der)
-        names = certificate.extensions.get_extension_for_oid(
-            ExtensionOID.SUBJECT_ALTERNATIVE_NAME
-        ).value
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (ValueError, x509.ExtensionNotFound):
         return None
     found = {parse_uri(uri) for uri in names.get_values_for_type(x509.UniformResourceIdentifier)}

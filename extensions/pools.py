@@ -52,8 +52,10 @@ class Credentials:
 
 
 def _csr(key: ec.EllipticCurvePrivateKey) -> str:
-    request = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
-        key, hashes.SHA256()
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
     )
     return request.public_bytes(Encoding.PEM).decode()
 
@@ -83,7 +85,9 @@ def _credentials(key: ec.EllipticCurvePrivateKey, answer: dict[str, Any]) -> Cre
 
 
 def _expires(answer: dict[str, Any]) -> float:
-    return datetime.fromisoformat(answer["certificate_expires_at"].replace("Z", "+00:00")).timestamp()
+    return datetime.fromisoformat(
+        answer["certificate_expires_at"].replace("Z", "+00:00")
+    ).timestamp()
 
 
 class _Renewal(threading.Thread):
@@ -113,7 +117,7 @@ class _Renewal(threading.Thread):
             try:
                 self.renew()
                 issued_at = time.time()
-            except Exception as exc:  # noqa: BLE001 - keep trying while the client lives
+            except Exception as exc:
                 import logging
 
                 logging.getLogger("ztlab.pools").warning("certificate renewal failed: %s", exc)

@@ -214,7 +214,8 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         from ztlab.hub.identity import granted_roles
 
         plane = self.control_plane
-        assert plane is not None and plane.clusters is not None
+        assert plane is not None
+        assert plane.clusters is not None
         sessions: dict[str, Session | None] = {}
         for record in plane.clusters.store.active():
             if record.owner in sessions:
@@ -237,13 +238,14 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         from ztlab.hub.compute.probe import ask_scheduler
 
         plane = self.control_plane
-        assert plane is not None and plane.clusters is not None
+        assert plane is not None
+        assert plane.clusters is not None
         for record in plane.clusters.store.active():
             if record.state != "running":
                 continue
             try:
                 entries = await ask_scheduler(plane.clusters, record, "ztlab_refusals")
-            except Exception as exc:  # noqa: BLE001 - one silent cluster must not stop the rest
+            except Exception as exc:
                 self.log.warning("cluster %s did not hand over its refusals: %s", record.id, exc)
                 continue
             if entries:

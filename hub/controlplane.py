@@ -280,9 +280,7 @@ class ControlPlane:
             self.clusters.reconcile(
                 {user.name for user in known if user.running}, actor=SYSTEM_ACTOR
             )
-            running |= {
-                (c.owner, f"cluster-{c.id}") for c in self.clusters.store.active()
-            }
+            running |= {(c.owner, f"cluster-{c.id}") for c in self.clusters.store.active()}
         released: list[str] = []
         if self.leases is not None:
             for lease in self.leases.active():

@@ -70,7 +70,11 @@ class Refusals:
         now = time.time()
         with self._lock:
             last = self._last.get((host, reason))
-            if last is not None and now - last["at"] < REPORT_INTERVAL_SECONDS and last in self._held:
+            if (
+                last is not None
+                and now - last["at"] < REPORT_INTERVAL_SECONDS
+                and last in self._held
+            ):
                 last["count"] += 1
                 return
             entry = {
@@ -88,7 +92,9 @@ class Refusals:
         with self._lock:
             for entry in entries[: self._held.maxlen]:
                 if isinstance(entry, dict):
-                    self._held.append({k: entry.get(k) for k in ("peer", "reason", "holder", "at", "count")})
+                    self._held.append(
+                        {k: entry.get(k) for k in ("peer", "reason", "holder", "at", "count")}
+                    )
 
     def drain(self) -> list[dict[str, Any]]:
         """Everything held, once."""
@@ -103,7 +109,7 @@ def identity_backend(access: ClusterAccess, report: Callable[..., None]) -> Any:
     """A ``tls://`` comm backend whose listeners admit only whom ``access`` admits."""
     from distributed.comm.tcp import TLSBackend, TLSListener
 
-    class IdentityTLSListener(TLSListener):  # type: ignore[misc]
+    class IdentityTLSListener(TLSListener):
         """Distributed's TLS listener, then the holder check on every connection."""
 
         async def _prepare_stream(self, stream: Any, address: str) -> Any:
@@ -124,7 +130,7 @@ def identity_backend(access: ClusterAccess, report: Callable[..., None]) -> Any:
                 return None
             return stream
 
-    class IdentityTLSBackend(TLSBackend):  # type: ignore[misc]
+    class IdentityTLSBackend(TLSBackend):
         _listener_class = IdentityTLSListener
 
     return IdentityTLSBackend()
@@ -143,7 +149,12 @@ def _handshake_reason(exc: OSError) -> str:
             return "no client certificate"
         if any(
             mark in reason
-            for mark in ("CERTIFICATE_VERIFY_FAILED", "UNKNOWN_CA", "DECRYPT_ERROR", "BAD_SIGNATURE")
+            for mark in (
+                "CERTIFICATE_VERIFY_FAILED",
+                "UNKNOWN_CA",
+                "DECRYPT_ERROR",
+                "BAD_SIGNATURE",
+            )
         ):
             return "the certificate is not from this pool's authority"
         return f"TLS handshake failed: {reason or text}"
@@ -203,7 +214,9 @@ def watch_certificates(contexts: list[ssl.SSLContext], cert: Path, key: Path) ->
 
 def _contexts(server: Any) -> list[ssl.SSLContext]:
     found = [server.connection_args.get("ssl_context")]
-    found += [getattr(listener, "server_args", {}).get("ssl_options") for listener in server.listeners]
+    found += [
+        getattr(listener, "server_args", {}).get("ssl_options") for listener in server.listeners
+    ]
     return [c for c in found if isinstance(c, ssl.SSLContext)]
 
 
@@ -285,7 +298,9 @@ async def run_worker(directory: Path, spec: dict[str, Any], index: int) -> None:
         worker = Worker(scheduler, **options)
     await worker
     servers = getattr(worker, "workers", None) or [worker]  # CUDAWorker wraps nannies
-    watchers = [watch_certificates(_contexts(s), cert, key) for s in servers if hasattr(s, "listeners")]
+    watchers = [
+        watch_certificates(_contexts(s), cert, key) for s in servers if hasattr(s, "listeners")
+    ]
     watchers.append(asyncio.get_running_loop().create_task(_forward(worker, refusals)))
     await _until_signalled(worker)
     for watcher in watchers:
@@ -298,7 +313,7 @@ def _cuda_worker(scheduler: str, options: dict[str, Any]) -> Any:
     (the worker then runs on the CPU with the GPU still leased and fenced)."""
     try:
         from dask_cuda.worker import CUDAWorker
-    except Exception as exc:  # noqa: BLE001 - ImportError, or NVML missing on import
+    except Exception as exc:
         _log.warning("dask-cuda is not usable here (%s): a CPU worker runs instead", exc)
         return None
     return CUDAWorker(
@@ -322,7 +337,7 @@ async def _forward(worker: Any, refusals: Refusals) -> None:
             continue
         try:
             await worker.scheduler.ztlab_report(entries=held)
-        except Exception as exc:  # noqa: BLE001 - the scheduler is away: keep them
+        except Exception as exc:
             refusals.add(held)
             _log.warning("cannot pass refusals to the scheduler: %s", exc)
 
@@ -333,9 +348,9 @@ async def _until_signalled(server: Any = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     while not stop.is_set():
-        if server is not None and getattr(server, "status", None) is not None:
-            if str(server.status) in ("Status.closed", "Status.closing", "Status.failed"):
-                return
+        status = str(getattr(server, "status", ""))
+        if status in ("Status.closed", "Status.closing", "Status.failed"):
+            return
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except TimeoutError:
@@ -345,11 +360,11 @@ async def _until_signalled(server: Any = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``scheduler [DIR]`` or ``worker INDEX [DIR]``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not args or args[0] not in ("scheduler", "worker"):
-        print("usage: python -m ztlab.kernels.cluster scheduler|worker INDEX [DIR]", file=sys.stderr)
+        print(
+            "usage: python -m ztlab.kernels.cluster scheduler|worker INDEX [DIR]", file=sys.stderr
+        )
         return 2
     role = args.pop(0)
     index = int(args.pop(0)) if role == "worker" else 0

@@ -493,8 +493,12 @@ _TYPES: tuple[EventType, ...] = (
         "pool.cluster_refused",
         "A cluster was not started: the policy, the pool's roles or a quota said no.",
         _USER,
-        {"pool": "the pool", "workers": "workers asked for", "gpus": "GPUs asked for",
-         "reason": "the message the user got"},
+        {
+            "pool": "the pool",
+            "workers": "workers asked for",
+            "gpus": "GPUs asked for",
+            "reason": "the message the user got",
+        },
     ),
     EventType(
         "pool.cluster_failed",

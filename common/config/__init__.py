@@ -21,8 +21,8 @@ from ztlab.common.config.load import (
 from ztlab.common.config.model import (
     DEFAULT_ROLE_NAMES,
     AuditConfig,
-    DatasetsConfig,
     ComputeConfig,
+    DatasetsConfig,
     GpuConfig,
     GpuPool,
     HubConfig,
@@ -42,8 +42,8 @@ from ztlab.common.config.model import (
 __all__ = [
     "DEFAULT_ROLE_NAMES",
     "AuditConfig",
-    "DatasetsConfig",
     "ComputeConfig",
+    "DatasetsConfig",
     "GpuConfig",
     "GpuPool",
     "HubConfig",

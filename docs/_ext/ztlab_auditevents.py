@@ -29,6 +29,9 @@ _SECTIONS = {
     "gpu": "GPU leases",
     "dataset": "Datasets",
     "model": "Models",
+    "package": "Packages",
+    "pool": "GPU pools and clusters",
+    "environment": "Environments",
 }
 
 
@@ -48,7 +51,7 @@ class AuditEventsDirective(SphinxDirective):
         if source is not None:
             self.env.note_dependency(source)
         lines: list[str] = []
-        by_section = groupby(events.event_types(), key=lambda e: _SECTIONS.get(e.section, ""))
+        by_section = groupby(events.event_types(), key=lambda e: _SECTIONS.get(e.section, e.section))
         for title, group in by_section:
             lines += [f".. rubric:: {title}", "", ".. list-table::", "   :header-rows: 1", ""]
             lines += ["   * - action", "     - what happened", "     - actor", "     - detail"]
@@ -64,7 +67,21 @@ class AuditEventsDirective(SphinxDirective):
                     f"     - {fields or 'none'}",
                 ]
             lines.append("")
-        return self.parse_text_to_nodes("\n".join(lines))
+        return _parse_rst("\n".join(lines), self.state.document.settings)
+
+
+def _parse_rst(text: str, settings: object) -> list[nodes.Node]:
+    """The nodes of reStructuredText ``text``, whatever the page's own parser is.
+
+    ``parse_text_to_nodes`` would parse with the page's parser: in a MyST page the
+    generated ``.. rubric::`` and ``.. list-table::`` came out as plain text.
+    """
+    from docutils.parsers.rst import Parser
+    from docutils.utils import new_document
+
+    document = new_document("<ztlab-audit-events>", settings)
+    Parser().parse(text, document)
+    return list(document.children)
 
 
 def setup(app: Sphinx) -> ExtensionMetadata:

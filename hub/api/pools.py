@@ -96,7 +96,9 @@ class StartHandler(_PoolsAPIHandler):
             shared.append(await user_principal(user))
         account = getattr(self.current_user.spawner, "account", None)
         if not isinstance(account, str):
-            raise web.HTTPError(409, "This hub's spawner gives users no account to run clusters as.")
+            raise web.HTTPError(
+                409, "This hub's spawner gives users no account to run clusters as."
+            )
         started = await self.act(
             self.service.start,
             principal,
@@ -177,9 +179,7 @@ class DashboardHandler(_PoolsAPIHandler):
 
     async def get(self, cluster_id: str, path: str) -> None:
         principal = await self.principal_or_cookie()
-        record = await self.act(
-            self.service.get, cluster_id, principal, admin=False
-        )
+        record = await self.act(self.service.get, cluster_id, principal, admin=False)
         if record is None:
             return
         if record.state != "running":
@@ -229,4 +229,3 @@ def pool_handlers() -> list[tuple[str, Any]]:
         (f"api/ztlab/pools/{_POOL}/certificate", CertificateHandler),
         (f"pools/clusters/{_ID}/dashboard/?(.*)", DashboardHandler),
     ]
-

@@ -30,6 +30,7 @@ from typing import Final
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
@@ -193,7 +194,7 @@ class PoolAuthority:
 
     def _issue(
         self,
-        public: x509.CertificatePublicKeyTypes,
+        public: CertificatePublicKeyTypes,
         holder: PeerIdentity,
         *,
         minutes: int,
@@ -205,7 +206,9 @@ class PoolAuthority:
         if not 1 <= minutes <= MAX_MINUTES:
             raise UsageError(f"certificates live 1-{MAX_MINUTES} minutes, not {minutes}")
         now = _now()
-        expires = min(now + datetime.timedelta(minutes=minutes), self._certificate.not_valid_after_utc)
+        expires = min(
+            now + datetime.timedelta(minutes=minutes), self._certificate.not_valid_after_utc
+        )
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(holder.uri)]
         names += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -214,9 +217,7 @@ class PoolAuthority:
         serial = int.from_bytes(secrets.token_bytes(16), "big") >> 1
         builder = (
             x509.CertificateBuilder()
-            .subject_name(
-                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, holder.uri[:64])])
-            )
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, holder.uri[:64])]))
             .issuer_name(self._certificate.subject)
             .public_key(public)
             .serial_number(serial)

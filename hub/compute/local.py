@@ -20,6 +20,7 @@ Stopping kills the cgroups (everything in them), closes the ports and removes th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -84,7 +85,10 @@ class LocalComputeBackend(ComputeBackend):
     # -- naming --------------------------------------------------------------------------
 
     def _cgroup_names(self, account: str, cluster_id: str, workers: int) -> list[str]:
-        return [f"{account}-{cluster_id}-s", *(f"{account}-{cluster_id}-{i}" for i in range(workers))]
+        return [
+            f"{account}-{cluster_id}-s",
+            *(f"{account}-{cluster_id}-{i}" for i in range(workers)),
+        ]
 
     def _cluster_cgroups(self, cluster_id: str) -> list[str]:
         return [name for name in self.cgroups.names() if f"-{cluster_id}-" in name]
@@ -282,10 +286,8 @@ class LocalComputeBackend(ComputeBackend):
                 cgroup.remove()
         directory = self.run_dir / cluster_id
         spec: dict[str, Any] = {}
-        try:
+        with contextlib.suppress(OSError, ValueError):
             spec = json.loads((directory / "cluster.json").read_text())
-        except (OSError, ValueError):
-            pass
         owner = spec.get("access", {}).get("owner")
         netns = self.segments.get(owner) if owner else None
         if netns is not None:

@@ -132,7 +132,9 @@ class ClusterService:
             if paths is not None and Path(paths[0]).stat().st_mtime > time.time() - 1800:
                 return paths
             issued = authority.issue_with_key(control_plane_identity(pool), minutes=60)
-            directory = private_directory(self._authority_dir / pool / "probe", what="probe directory")
+            directory = private_directory(
+                self._authority_dir / pool / "probe", what="probe directory"
+            )
             serial = f"{issued.serial:x}"
             cert, key = directory / f"{serial}.pem", directory / f"{serial}.key"
             write_private_file(key, issued.key)
@@ -243,9 +245,13 @@ class ClusterService:
         authority = self.authority(pool)
         minutes = limits.certificate_minutes
         try:
-            client = authority.sign_request(csr, user_identity(pool, principal.name), minutes=minutes)
+            client = authority.sign_request(
+                csr, user_identity(pool, principal.name), minutes=minutes
+            )
         except ZtlabError:
-            self.store.update(record, state="stopped", stopped_at=time.time(), stop_reason="bad request")
+            self.store.update(
+                record, state="stopped", stopped_at=time.time(), stop_reason="bad request"
+            )
             raise
         lease = None
         try:
@@ -314,8 +320,13 @@ class ClusterService:
         )
         files["scheduler.pem"], files["scheduler.key"] = scheduler.certificate, scheduler.key
         for index in range(record.workers):
-            worker = authority.issue_with_key(worker_identity(record.pool, record.id), minutes=minutes)
-            files[f"worker-{index}.pem"], files[f"worker-{index}.key"] = worker.certificate, worker.key
+            worker = authority.issue_with_key(
+                worker_identity(record.pool, record.id), minutes=minutes
+            )
+            files[f"worker-{index}.pem"], files[f"worker-{index}.key"] = (
+                worker.certificate,
+                worker.key,
+            )
         gpus = tuple(lease.gpus) if lease is not None else ()
         minors = tuple(lease.minors) if lease is not None else ()
         access = ClusterAccess(
@@ -488,7 +499,10 @@ class ClusterService:
             if reason is not None:
                 self.stop(record, actor=actor, reason=reason)
                 stopped.append(record.id)
-            elif record.state == "running" and record.certificates_expire_at - now < RENEW_BEFORE_SECONDS:
+            elif (
+                record.state == "running"
+                and record.certificates_expire_at - now < RENEW_BEFORE_SECONDS
+            ):
                 self._renew_cluster(record)
         return stopped
 
@@ -496,11 +510,18 @@ class ClusterService:
         authority = self.authority(record.pool)
         minutes = self.config.gpu.pools[record.pool].certificate_minutes
         files: dict[str, bytes] = {}
-        scheduler = authority.issue_with_key(scheduler_identity(record.pool, record.id), minutes=minutes)
+        scheduler = authority.issue_with_key(
+            scheduler_identity(record.pool, record.id), minutes=minutes
+        )
         files["scheduler.key"], files["scheduler.pem"] = scheduler.key, scheduler.certificate
         for index in range(record.workers):
-            worker = authority.issue_with_key(worker_identity(record.pool, record.id), minutes=minutes)
-            files[f"worker-{index}.key"], files[f"worker-{index}.pem"] = worker.key, worker.certificate
+            worker = authority.issue_with_key(
+                worker_identity(record.pool, record.id), minutes=minutes
+            )
+            files[f"worker-{index}.key"], files[f"worker-{index}.pem"] = (
+                worker.key,
+                worker.certificate,
+            )
         self.backend.renew(record.id, files)
         self.store.update(record, certificates_expire_at=time.time() + minutes * 60)
 

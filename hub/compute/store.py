@@ -236,7 +236,7 @@ class ClusterStore:
         with self._immediate() as db:
             db.execute(
                 "UPDATE clusters SET state = ?, lease = ?, gpu_ids = ?, host = ?, port = ?,"
-                " dashboard_port = ?, certificates_expire_at = ?,"
+                " dashboard_port = ?, expires_at = ?, certificates_expire_at = ?,"
                 " stopped_at = ?, stop_reason = ? WHERE id = ?",
                 (
                     new.state,
@@ -245,6 +245,7 @@ class ClusterStore:
                     new.host,
                     new.port,
                     new.dashboard_port,
+                    new.expires_at,
                     new.certificates_expire_at,
                     new.stopped_at,
                     new.stop_reason,

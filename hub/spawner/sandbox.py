@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import sys
