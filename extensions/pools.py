@@ -112,7 +112,7 @@ class _Renewal(threading.Thread):
         issued_at = time.time()
         while not self.stopped.is_set():
             wait = max(5.0, (self.expires_at - issued_at) * RENEW_AT)
-            if self.stopped.wait(wait):
+            if self.stopped.wait(wait) or self.client.status in ("closing", "closed"):
                 return
             try:
                 self.renew()
@@ -162,7 +162,14 @@ def cluster(
     answer = api.call(
         "POST",
         f"/ztlab/pools/{pool}/clusters",
-        {"workers": workers, "gpus": gpus, "csr": _csr(key), "share_with": list(share_with)},
+        {
+            "workers": workers,
+            "gpus": gpus,
+            "csr": _csr(key),
+            "share_with": list(share_with),
+            # the workers run in this kernel's environment (its packages, the user's layer)
+            "environment": os.environ.get("ZTLAB_ENVIRONMENT") or None,
+        },
     )
     creds = _credentials(key, answer)
     security = Security(

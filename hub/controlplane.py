@@ -184,6 +184,8 @@ class ControlPlane:
             opened += [s for s in (environments, package_requests) if s is not None]
             clusters = _clusters(config, source, policy, events, sandbox, inventory, leases)
             if clusters is not None:
+                clusters.environments = environments
+            if clusters is not None:
                 opened.append(clusters)
         except BaseException:
             for service in reversed(opened):

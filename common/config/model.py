@@ -1443,7 +1443,8 @@ class ZtlabConfig(_Model):
     )
     gpu: GpuConfig = Field(default_factory=GpuConfig, description="GPU pools.")
     compute: ComputeConfig = Field(
-        default_factory=ComputeConfig, description="Dask clusters in the GPU pools."
+        default_factory=ComputeConfig,
+        description="Dask clusters in the GPU pools.",
     )
     models: ModelsConfig = Field(
         default_factory=ModelsConfig,

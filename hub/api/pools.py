@@ -108,6 +108,9 @@ class StartHandler(_PoolsAPIHandler):
             csr=csr,
             account=account,
             shared_with=shared,
+            environment=body.get("environment")
+            if isinstance(body.get("environment"), str)
+            else None,
         )
         if started is not None:
             await self.reply(_started(started), 201)

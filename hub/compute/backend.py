@@ -52,6 +52,10 @@ class ClusterRequest:
     #: the control plane's own certificate and key files (never handed to the cluster),
     #: for a backend that checks the scheduler answers
     probe_certificate: tuple[str, str] = ("", "")
+    #: kernel environments the owner may use (name -> folder), and the one the workers
+    #: run in (the asking kernel's); none: the hub's own runtime
+    environments: Mapping[str, str] = field(default_factory=dict)
+    environment: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Self
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ZtlabError
 from ztlab.hub.compute.backend import Cluster, ClusterRequest, ComputeBackend
+from ztlab.kernels.layers import layer_path
 
 if TYPE_CHECKING:
     from ztlab.hub.sandbox.cgroups import CgroupManager
@@ -157,7 +158,10 @@ class LocalComputeBackend(ComputeBackend):
                 uid=entry.pw_uid,
                 gid=entry.pw_gid,
                 home=Path(entry.pw_dir),
-                binds={"/cluster": directory},
+                binds={
+                    "/cluster": directory,
+                    **{folder: Path(folder) for folder in request.environments.values()},
+                },
                 devices=nodes,
                 readonly_paths=readonly_paths(DEFAULT_READONLY_PATHS),
                 hidden=hidden,
@@ -165,6 +169,17 @@ class LocalComputeBackend(ComputeBackend):
             )
             role = ["scheduler"] if worker < 0 else ["worker", str(worker)]
             command = [python, "-I", "-m", "ztlab.kernels.cluster", *role, "/cluster"]
+            if request.environment is not None and worker >= 0:
+                # workers run in the asking kernel's environment, with the owner's layer
+                # (what they pip-installed); the layers are made first, as for a server
+                env["ZTLAB_ENVIRONMENTS"] = json.dumps(dict(request.environments))
+                env["ZTLAB_ENVIRONMENT"] = request.environment
+                layer = layer_path(request.environment, Path(entry.pw_dir))
+                env["VIRTUAL_ENV"] = str(layer)
+                command = [
+                    python, "-I", "-m", "ztlab.kernels.layers", "--",
+                    str(layer / "bin" / "python"), *command[1:],
+                ]  # fmt: skip
             log = self.log_dir / f"{request.id}-{'scheduler' if worker < 0 else worker}.log"
             processes.append(
                 start_sandboxed(

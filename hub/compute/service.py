@@ -47,6 +47,7 @@ from ztlab.hub.compute.store import (
     ClusterDenied,
     ClusterError,
     ClusterNotFound,
+    ClusterQuotaExceeded,
     ClusterRecord,
     ClusterStore,
 )
@@ -94,8 +95,11 @@ class ClusterService:
         inventory: Any,
         backend: ComputeBackend,
         store: ClusterStore | None = None,
+        environments: Any = None,
     ) -> None:
         self.config = config
+        #: the environment service (kernel environments), or ``None`` without one
+        self.environments = environments
         self.policy = policy
         self.record = record
         self.leases = leases
@@ -209,6 +213,7 @@ class ClusterService:
         csr: str,
         account: str,
         shared_with: Iterable[Principal] = (),
+        environment: str | None = None,
     ) -> Started:
         """Steps 1-5 of the module's docstring; :class:`ClusterError` with the user's message."""
         limits = self._pool(pool)
@@ -227,6 +232,7 @@ class ClusterService:
                 why = self.refusal(other, pool)
                 if why is not None:
                     raise ClusterDenied(f"You cannot share with {other.name}: {why}")
+            granted, chosen = self._environments(principal, environment)
             cluster_id = secrets.token_hex(8)
             record = self.store.reserve(
                 cluster_id=cluster_id,
@@ -241,24 +247,35 @@ class ClusterService:
         except ClusterError as exc:
             self.record(principal.name, "pool.cluster_refused", **detail, reason=exc.message)
             raise
-        # a client certificate is checked before anything is started
+        # the client's request is checked and the GPUs leased before anything starts
         authority = self.authority(pool)
         minutes = limits.certificate_minutes
+        lease = None
         try:
             client = authority.sign_request(
                 csr, user_identity(pool, principal.name), minutes=minutes
             )
-        except ZtlabError:
-            self.store.update(
-                record, state="stopped", stopped_at=time.time(), stop_reason="bad request"
-            )
-            raise
-        lease = None
-        try:
             if gpus:
                 lease = self._lease(principal, record)
-                record = self.store.update(record, lease=lease.id, gpu_ids=tuple(lease.gpus))
-            request = self._request(record, lease, account=account)
+                # a cluster never outlives its GPUs' lease (the roles' max_server_hours)
+                record = self.store.update(
+                    record,
+                    lease=lease.id,
+                    gpu_ids=tuple(lease.gpus),
+                    expires_at=min(record.expires_at, lease.expires_at),
+                )
+        except ZtlabError as exc:
+            if lease is not None:
+                self.leases.release(lease.id, reason="cluster refused", actor=record.owner)
+            self.store.update(
+                record, state="stopped", stopped_at=time.time(), stop_reason="refused"
+            )
+            self.record(principal.name, "pool.cluster_refused", **detail, reason=exc.message)
+            raise
+        try:
+            request = self._request(
+                record, lease, account=account, environments=granted, environment=chosen
+            )
             cluster = self.backend.start(request)
             record = self.store.update(
                 record,
@@ -293,7 +310,7 @@ class ClusterService:
         )
 
     def _lease(self, principal: Principal, record: ClusterRecord) -> Any:
-        from ztlab.hub.gpu.backend import LeaseError
+        from ztlab.hub.gpu.backend import LeaseDenied, LeaseError, PoolExhausted, QuotaExceeded
 
         if self.leases is None:
             raise ClusterError("This hub hands out no GPUs; ask for gpus=0.")
@@ -306,10 +323,42 @@ class ClusterService:
                 count=record.gpus,
                 hours=self.config.gpu.pools[record.pool].cluster_hours,
             )
+        except LeaseDenied as exc:
+            raise ClusterDenied(exc.message, hint=exc.hint) from exc
+        except (QuotaExceeded, PoolExhausted) as exc:
+            raise ClusterQuotaExceeded(exc.message, hint=exc.hint) from exc
         except LeaseError as exc:
             raise ClusterError(exc.message, hint=exc.hint) from exc
 
-    def _request(self, record: ClusterRecord, lease: Any, *, account: str) -> ClusterRequest:
+    def _environments(
+        self, principal: Principal, asked: str | None
+    ) -> tuple[dict[str, str], str | None]:
+        """The environments the owner may use (name -> folder) and the one the cluster's
+        workers run in: the one asked for (the kernel's), else ``base``, else the first."""
+        if self.environments is None:
+            return {}, None
+        usable = {u.name: str(u.path) for u in self.environments.usable(principal)}
+        if asked:
+            if asked not in usable:
+                raise ClusterDenied(
+                    f"You may not use environment {asked} (or it is not built): the cluster's "
+                    "workers would run in it.",
+                    hint="ztlab env list shows the environments you may use",
+                )
+            return usable, asked
+        if not usable:
+            return {}, None
+        return usable, "base" if "base" in usable else next(iter(usable))
+
+    def _request(
+        self,
+        record: ClusterRecord,
+        lease: Any,
+        *,
+        account: str,
+        environments: dict[str, str],
+        environment: str | None,
+    ) -> ClusterRequest:
         limits = self.config.gpu.pools[record.pool]
         authority = self.authority(record.pool)
         minutes = limits.certificate_minutes
@@ -364,6 +413,8 @@ class ClusterService:
             spec=spec,
             files=files,
             probe_certificate=self.probe_certificate(record.pool),
+            environments=environments,
+            environment=environment,
         )
 
     def _cuda_ids(self, gpus: tuple[str, ...]) -> tuple[str, ...]:
@@ -499,9 +550,8 @@ class ClusterService:
             if reason is not None:
                 self.stop(record, actor=actor, reason=reason)
                 stopped.append(record.id)
-            elif (
-                record.state == "running"
-                and record.certificates_expire_at - now < RENEW_BEFORE_SECONDS
+            elif record.state == "running" and record.certificates_expire_at - now < _renew_before(
+                self.config.gpu.pools[record.pool].certificate_minutes
             ):
                 self._renew_cluster(record)
         return stopped
@@ -572,6 +622,12 @@ def _counts(workers: Any, gpus: Any) -> tuple[int, int]:
             f"gpus must be 0-{workers} (one GPU per worker, as dask-cuda runs them), got {gpus}."
         )
     return workers, gpus
+
+
+def _renew_before(minutes: int) -> float:
+    """Seconds before expiry the cluster's certificates are renewed: 25 minutes, or half
+    their life when that is shorter (never at every sweep)."""
+    return min(RENEW_BEFORE_SECONDS, minutes * 30.0)
 
 
 def _iso(ts: float) -> str:

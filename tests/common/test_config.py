@@ -33,6 +33,7 @@ from ztlab.common.config import (
 )
 from ztlab.common.config.model import (
     AuditConfig,
+    ComputeConfig,
     DatasetsConfig,
     EnvironmentsConfig,
     GpuConfig,
@@ -221,6 +222,7 @@ def test_default_roles_are_a_new_dict_each_time() -> None:
 TOP_KEYS = ", ".join(
     (
         "audit",
+        "compute",
         "datasets",
         "environments",
         "gpu",
@@ -1019,6 +1021,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     RoleConfig,
     GpuConfig,
     GpuPool,
+    ComputeConfig,
     DatasetsConfig,
     ModelsConfig,
     PackagesConfig,

@@ -40,6 +40,10 @@ USERS = ("pia", "pete", "vic", "ada")
 ROLE_RULES = """
 [roles.trainer]
 packages = ["tinya<2", "tinyc", "tinyd", "tinye"]
+
+[gpu.pools.research]
+gpus = ["0"]
+roles = ["trainer"]
 """
 
 PIP = "import subprocess, sys\n"
@@ -188,6 +192,33 @@ def test_allowed_install_works_and_a_new_kernel_imports_it(packages: PackageStac
 
     assert served[0]["sha256"] == hashlib.sha256(wheel.read_bytes()).hexdigest()
     assert served[0]["rule"] == "tinya<2 (role trainer)"
+
+
+def test_a_clusters_workers_run_in_the_kernels_environment_with_the_users_layer(
+    packages: PackageStack,
+) -> None:
+    _server(packages, "pia")
+    kernel = _kernel(packages, "pia")
+    try:
+        installed = kernel.execute(pip("install", "tinya"), timeout=180)
+        assert installed.stdout.startswith("0"), installed.stdout
+        result = kernel.execute(
+            "import ztlab.pools\n"
+            "client = ztlab.pools.cluster('research', workers=1, timeout=90)\n"
+            "def probe():\n"
+            "    import os, tinya\n"
+            "    return [tinya.VERSION, os.environ.get('ZTLAB_ENVIRONMENT'), tinya.__file__]\n"
+            "print('WORKER', *client.submit(probe).result())\n"
+            "ztlab.pools.stop(client)\n",
+            timeout=180,
+        )
+    finally:
+        kernel.close()
+    assert "WORKER" in result.stdout, result.stdout + result.stderr
+    version, environment, path = result.stdout.split("WORKER", 1)[1].split()[:3]
+    # what pia installed in her layer of base, seen by her cluster's worker
+    assert (version, environment) == ("1.0", "base")
+    assert "/.local/share/ztlab/layers/base/" in path
 
 
 def test_a_package_off_the_list_is_refused_with_the_rule(packages: PackageStack) -> None:

@@ -203,6 +203,50 @@ def _paula_cluster(pools: PoolStack) -> dict[str, object]:
     return dict(rows[0])
 
 
+def test_the_dashboard_is_served_through_the_hub_to_its_owner_only(pools: PoolStack) -> None:
+    cluster = _paula_cluster(pools)
+    url = f"{pools.stack.hub_url}/hub/pools/clusters/{cluster['id']}/dashboard/health"
+
+    def get(user: str | None) -> requests.Response:
+        headers = {"Authorization": f"token {pools.tokens[user]}"} if user else {}
+        return requests.get(url, headers=headers, timeout=30, allow_redirects=False)
+
+    owner = get("paula")
+    assert owner.status_code == 200, owner.text
+    assert owner.text == "ok"
+    assert get("quinn").status_code == 404  # not his: as if it did not exist
+    assert get(None).status_code == 403
+
+
+def test_ztlab_pools_status_shows_the_workers_the_scheduler_reports(
+    pools: PoolStack, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from ztlab.cli.main import cli
+
+    cluster = _paula_cluster(pools)
+    token = tmp_path / "token"
+    token.write_text(pools.tokens["paula"])
+    hub = ["--hub-url", f"{pools.stack.hub_url}/hub/api", "--token-file", str(token)]
+    listed = CliRunner().invoke(cli, ["pools", "list", *hub])
+    assert listed.exit_code == 0, listed.output
+    assert "research: 2 GPUs, open to you (roles: trainer)" in listed.output
+    assert "clusters 1/1, workers 1/2, GPUs 1/1" in listed.output
+    status = CliRunner().invoke(cli, ["pools", "status", str(cluster["id"]), *hub])
+    assert status.exit_code == 0, status.output
+    assert f"cluster {cluster['id']} of paula in pool research: running" in status.output
+    assert "1 workers joined, 1 threads, 1G memory, 1 GPU workers" in status.output
+    stranger = tmp_path / "quinn"
+    stranger.write_text(pools.tokens["quinn"])
+    refused = CliRunner().invoke(
+        cli,
+        ["pools", "stop", str(cluster["id"]), "--hub-url", hub[1], "--token-file", str(stranger)],
+    )
+    assert refused.exit_code == 2
+    assert f"You have no cluster '{cluster['id']}'" in refused.output
+
+
 def _connect(address: str, ca: bytes, cert: bytes, key: bytes, tmp: Path) -> str:
     """Run a task on ``address`` with these credentials; what happened."""
     from distributed import Client

@@ -214,10 +214,11 @@ def test_quota_messages_name_the_limit_what_is_held_and_when_it_stops(tmp_path: 
 def test_the_roles_gpu_quota_is_kept_by_the_lease(tmp_path: Path) -> None:
     service, _, _ = _service(tmp_path, max_cluster_gpus=3, max_workers=3)
     service.start(ALICE, pool="research", workers=2, gpus=2, csr=_csr(), account="x")
-    with pytest.raises(ClusterError, match="GPU"):
+    with pytest.raises(ClusterQuotaExceeded, match="GPU"):
         service.start(ALICE, pool="research", workers=1, gpus=1, csr=_csr(), account="x")
-    # the refused start left nothing behind
+    # the refused start left nothing behind, and was recorded as a refusal
     assert len(service.store.active(owner="alice")) == 1
+    assert len(service.leases.active(user="alice")) == 1
 
 
 def test_concurrent_requests_never_exceed_the_limit(tmp_path: Path) -> None:
