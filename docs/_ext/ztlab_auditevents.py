@@ -51,7 +51,9 @@ class AuditEventsDirective(SphinxDirective):
         if source is not None:
             self.env.note_dependency(source)
         lines: list[str] = []
-        by_section = groupby(events.event_types(), key=lambda e: _SECTIONS.get(e.section, e.section))
+        by_section = groupby(
+            events.event_types(), key=lambda e: _SECTIONS.get(e.section, e.section)
+        )
         for title, group in by_section:
             lines += [f".. rubric:: {title}", "", ".. list-table::", "   :header-rows: 1", ""]
             lines += ["   * - action", "     - what happened", "     - actor", "     - detail"]
