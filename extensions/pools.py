@@ -189,6 +189,38 @@ def cluster(
     return client
 
 
+def connect(cluster_id: str, *, timeout: float = 60.0, api: HubAPI | None = None) -> Any:
+    """A client of a running cluster you own or that is shared with you.
+
+    The owner connects straight to the scheduler (it runs in the owner's network
+    namespace); a user it is shared with goes through the hub's relay for that cluster
+    (TLS end to end: the scheduler still checks the certificate).
+    """
+    from distributed import Client
+    from distributed.security import Security
+
+    api = api or HubAPI.from_environment()
+    info: dict[str, Any] = api.call("GET", f"/ztlab/pools/clusters/{cluster_id}")
+    user = os.environ.get("JUPYTERHUB_USER", "")
+    address = info["scheduler"] if info["owner"] == user or not info.get("relay") else info["relay"]
+    key = ec.generate_private_key(ec.SECP256R1())
+    pool = info["pool"]
+    answer = api.call("POST", f"/ztlab/pools/{pool}/certificate", {"csr": _csr(key)})
+    creds = _credentials(key, answer)
+    security = Security(
+        tls_ca_file=str(creds.ca),
+        tls_client_cert=str(creds.certificate),
+        tls_client_key=str(creds.key),
+        require_encryption=True,
+    )
+    client = Client(address, security=security, timeout=timeout)
+    renewal = _Renewal(api, pool, key, creds, client, _expires(answer))
+    renewal.start()
+    client.ztlab_cluster = info  # type: ignore[attr-defined]
+    client.ztlab_renewal = renewal  # type: ignore[attr-defined]
+    return client
+
+
 def clusters(api: HubAPI | None = None) -> list[dict[str, Any]]:
     """Your running clusters."""
     answer: dict[str, Any] = (api or HubAPI.from_environment()).call("GET", "/ztlab/pools/clusters")
@@ -196,7 +228,8 @@ def clusters(api: HubAPI | None = None) -> list[dict[str, Any]]:
 
 
 def stop(target: Any, api: HubAPI | None = None) -> dict[str, Any]:
-    """Stop a cluster: a client from :func:`cluster` (closed too) or a cluster id."""
+    """Stop a cluster: a client from :func:`cluster` (closed too) or a cluster id. For a
+    client of a cluster shared with you, only the client is closed."""
     cluster_id = target
     info = getattr(target, "ztlab_cluster", None)
     if info is not None:
@@ -206,6 +239,8 @@ def stop(target: Any, api: HubAPI | None = None) -> dict[str, Any]:
             renewal.stopped.set()
         with contextlib.suppress(Exception):
             target.close()
+        if info["owner"] != os.environ.get("JUPYTERHUB_USER", info["owner"]):
+            return dict(info)  # a cluster shared with you: your client is closed, it runs on
     answer: dict[str, Any] = (api or HubAPI.from_environment()).call(
         "DELETE", f"/ztlab/pools/clusters/{cluster_id}"
     )

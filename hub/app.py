@@ -143,6 +143,15 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         self._periodic_callbacks["ztlab-services"] = watch
         watch.start()
         if plane.clusters is not None:
+            if plane.sandbox is not None:
+                from ztlab.hub.compute.relay import ClusterRelays
+
+                plane.clusters.relays = ClusterRelays(
+                    segments=plane.sandbox.segments,
+                    port_base=plane.config.compute.relay_port_base,
+                    record=plane.record,
+                )
+                await plane.clusters.relays.sync(plane.clusters.store.active())
             sweep = PeriodicCallback(self.sweep_clusters, CLUSTER_SWEEP_SECONDS * 1000)
             self._periodic_callbacks["ztlab-clusters"] = sweep
             sweep.start()
@@ -231,6 +240,8 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
             await asyncio.to_thread(plane.clusters.sweep, sessions.get, actor=SYSTEM_ACTOR)
         except Exception:
             self.log.exception("sweeping the pools' clusters failed")
+        if plane.clusters.relays is not None:
+            await plane.clusters.relays.sync(plane.clusters.store.active())
         await self.collect_refusals()
 
     async def collect_refusals(self) -> None:
@@ -265,6 +276,9 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
 
     async def cleanup(self) -> None:
         """JupyterHub's clean-up (servers, proxy), then close the control plane."""
+        plane = self.control_plane
+        if plane is not None and plane.clusters is not None and plane.clusters.relays is not None:
+            await plane.clusters.relays.close()
         try:
             await super().cleanup()
         finally:

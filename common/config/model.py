@@ -1378,6 +1378,17 @@ class ComputeConfig(_Model):
             "Default: `9700`. Example: `port_base = 9700`. Added in 0.4."
         ),
     )
+    relay_port_base: int = Field(
+        default=9800,
+        ge=1024,
+        le=65000,
+        description=(
+            "First of 200 ports on the sandboxes' service address where the hub relays the "
+            "users a cluster is shared with to its scheduler (TLS end to end; only their "
+            "network namespaces may connect). Default: `9800`. Example: "
+            "`relay_port_base = 9800`. Added in 0.4."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -113,6 +113,8 @@ class StartHandler(_PoolsAPIHandler):
             else None,
         )
         if started is not None:
+            if self.service.relays is not None:
+                await self.service.relays.sync(self.service.store.active())
             await self.reply(_started(started), 201)
 
 
@@ -140,6 +142,8 @@ class ClusterHandler(_PoolsAPIHandler):
         if record is None:
             return
         answer = record.as_json()
+        relays = self.service.relays
+        answer["relay"] = relays.address(record.id) if relays is not None else None
         if record.state == "running":
             answer["status"] = await scheduler_status(self.service, record)
         await self.reply(answer)

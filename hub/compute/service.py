@@ -100,6 +100,8 @@ class ClusterService:
         self.config = config
         #: the environment service (kernel environments), or ``None`` without one
         self.environments = environments
+        #: the hub's relays for shared clusters (set by the hub, which runs them)
+        self.relays: Any = None
         self.policy = policy
         self.record = record
         self.leases = leases

@@ -402,6 +402,18 @@ class NetworkSegments:
         element = f'"{ns.host_if}" . {_ipv4(ns.sandbox_ip)} . {_proto(proto)} . {_port(port)}'
         _run(["nft", "add", "element", "inet", self._table, "ingress_allow", f"{{ {element} }}"])
 
+    def disallow(self, ns: Netns, *, dest: str, port: int, proto: str = "tcp") -> None:
+        """Undo one :meth:`allow` (idempotent)."""
+        if not self._table_exists():
+            return
+        element = (
+            f'"{ns.host_if}" . {_ipv4(ns.sandbox_ip)} . {_ipv4(dest)} . {_proto(proto)} . '
+            f"{_port(port)}"
+        )
+        _succeeds(
+            ["nft", "delete", "element", "inet", self._table, "egress_allow", f"{{ {element} }}"]
+        )
+
     def forbid_ingress(self, ns: Netns, *, port: int, proto: str = "tcp") -> None:
         """Undo one :meth:`allow_ingress` (idempotent)."""
         if not self._table_exists():

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ztlab.extensions.pools import cluster, clusters, stop
+from ztlab.extensions.pools import cluster, clusters, connect, stop
 
-__all__ = ["cluster", "clusters", "stop"]
+__all__ = ["cluster", "clusters", "connect", "stop"]

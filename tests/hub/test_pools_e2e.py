@@ -55,6 +55,11 @@ cluster_hours = 1
 [gpu.pools.other]
 gpus = ["2"]
 roles = ["trainer"]
+
+[gpu.pools.team]
+gpus = ["3"]
+roles = ["trainer"]
+allow_sharing = true
 """
 
 
@@ -104,7 +109,7 @@ def pools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolStack]:
     remove_accounts(*USERS)
     try:
         with (
-            nvidia_nodes(0, 1, 2),
+            nvidia_nodes(0, 1, 2, 3),
             running_stack(
                 root,
                 extra_config=POOLS,
@@ -199,8 +204,9 @@ def test_a_member_computes_on_a_cluster_of_their_own_fenced_to_its_gpu(
 
 def _paula_cluster(pools: PoolStack) -> dict[str, object]:
     rows = pools.api("paula", "GET", "/pools/clusters").json()["clusters"]
-    assert rows, "paula's cluster is not running"
-    return dict(rows[0])
+    owned = [r for r in rows if r["owner"] == "paula"]
+    assert owned, "paula's cluster is not running"
+    return dict(owned[0])
 
 
 def test_the_dashboard_is_served_through_the_hub_to_its_owner_only(pools: PoolStack) -> None:
@@ -373,6 +379,70 @@ def test_another_users_kernel_cannot_reach_the_scheduler(pools: PoolStack) -> No
     assert "BLOCKED" in result.stdout, result.stdout
 
 
+def test_a_shared_cluster_is_reached_through_the_hub_by_the_named_user_only(
+    pools: PoolStack,
+) -> None:
+    owner = pools.kernel("quinn")
+    try:
+        started = owner.execute(
+            "import ztlab.pools\n"
+            "team = ztlab.pools.cluster('team', workers=1, share_with=['paula'], timeout=90)\n"
+            "print('CLUSTER', team.ztlab_cluster['id'])\n",
+            timeout=180,
+        )
+    finally:
+        owner.close()
+    assert "CLUSTER" in started.stdout, started.stdout + started.stderr
+    cluster_id = started.stdout.split("CLUSTER", 1)[1].split()[0]
+    relay = pools.api("quinn", "GET", f"/pools/clusters/{cluster_id}").json()["relay"]
+    assert relay
+    assert relay.startswith("tls://10.232.255.254:")
+
+    guest = pools.kernel("paula")
+    try:
+        ran = guest.execute(
+            "import ztlab.pools\n"
+            f"c = ztlab.pools.connect({cluster_id!r})\n"
+            "print('SUM', c.submit(sum, [1, 2, 3]).result())\n"
+            "ztlab.pools.stop(c)\n",
+            timeout=120,
+        )
+    finally:
+        guest.close()
+    assert "SUM 6" in ran.stdout, ran.stdout + ran.stderr
+    # paula's stop closed her client only: quinn's cluster runs on
+    assert pools.api("quinn", "GET", f"/pools/clusters/{cluster_id}").json()["state"] == "running"
+
+    # uma is not shared with: the firewall keeps her namespace off the relay's port
+    host, port = relay.removeprefix("tls://").rsplit(":", 1)
+    stranger = pools.kernel("uma")
+    try:
+        blocked = stranger.execute(
+            "import socket\n"
+            "try:\n"
+            f"    socket.create_connection(({host!r}, {port}), timeout=5).close()\n"
+            "    print('REACHED')\n"
+            "except OSError as exc:\n"
+            "    print('BLOCKED', type(exc).__name__)\n",
+            timeout=30,
+        )
+    finally:
+        stranger.close()
+    assert "BLOCKED" in blocked.stdout, blocked.stdout
+    # and the relay itself admits no address but the shared users' (here: the host's own)
+    import socket
+
+    since = len(pools.stack.records())
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        raw.settimeout(5)
+        assert raw.recv(1) == b""  # closed at once
+    refused = pools.records("pool.connection_refused", since)
+    assert refused
+    assert refused[0]["reason"] == (
+        "the relay admits only the users the cluster is shared with, not None"
+    )
+
+
 def test_quota_message_names_the_limit_and_concurrent_requests_never_exceed_it(
     pools: PoolStack,
 ) -> None:
@@ -390,7 +460,8 @@ def test_quota_message_names_the_limit_and_concurrent_requests_never_exceed_it(
     assert "Pool research allows 1 cluster(s) per user (max_clusters)" in message
     cluster = _paula_cluster(pools)
     assert f"you hold {cluster['id']} (1 workers, 1 GPUs, stops by " in message
-    assert len(pools.api("paula", "GET", "/pools/clusters").json()["clusters"]) == 1
+    rows = pools.api("paula", "GET", "/pools/clusters").json()["clusters"]
+    assert [r["id"] for r in rows if r["owner"] == "paula"] == [cluster["id"]]
     assert len(pools.records("pool.cluster_refused", since)) == 4
 
 
@@ -440,11 +511,15 @@ def test_stopping_ends_the_processes_and_releases_the_gpu(pools: PoolStack) -> N
 
 
 def test_the_owners_server_stopping_ends_their_cluster(pools: PoolStack) -> None:
-    rows = pools.api("quinn", "GET", "/pools/clusters").json()["clusters"]
-    assert rows, "quinn's cluster (from the attack test) should run"
+    rows = [
+        r
+        for r in pools.api("quinn", "GET", "/pools/clusters").json()["clusters"]
+        if r["owner"] == "quinn"
+    ]
+    assert len(rows) == 2, "quinn's clusters (research, team) should run"
     since = len(pools.stack.records())
     stop_server(pools.stack, "quinn", pools.tokens["quinn"])
     stopped = pools.records("pool.cluster_stopped", since)
-    assert [r["cluster"] for r in stopped] == [rows[0]["id"]]
+    assert sorted(r["cluster"] for r in stopped) == sorted(r["id"] for r in rows)
     assert stopped[0]["reason"].startswith("the owner's server")
     assert not pools.api("quinn", "GET", "/pools/clusters").json()["clusters"]
