@@ -128,16 +128,20 @@ up: venv npm ## install everything and start the environment on 127.0.0.1
 down: ## stop what `make up` started
 	$(BIN)/ztlab down --config $(CONFIG)
 
-gpu-check: venv-dev ## the GPU checks (lease, device fence, NVML) on a machine with a GPU
+gpu-check: venv-dev ## the GPU checks (lease, device fence, NVML, a pool's TLS worker) on a machine with a GPU
 	$(BIN)/python -m pytest -q -s -rs -m gpu tests/gpu
 
 gpu-check-bundle: code ## wheels (ztlab's own among them) and .deb for tests/gpu/run-on-device.sh on an offline GPU machine
 	rm -rf .whl .deb && mkdir -p .whl .deb
-	for p in pydantic pydantic-core annotated-types typing-inspection cedarpy cryptography cffi pycparser packaging; do \
+	for p in pydantic pydantic-core annotated-types typing-inspection cedarpy cryptography cffi pycparser packaging \
+	  dask distributed click cloudpickle fsspec jinja2 markupsafe locket msgpack partd psutil pyyaml \
+	  sortedcontainers tblib toolz tornado urllib3 zict; do \
 	  $(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	    -d .whl "$$p==$$($(PIP) show $$p | awk '/^Version/{print $$2}')"; done
 	$(PIP) wheel -q --no-deps --no-build-isolation -w .whl .
+	# dask-cuda pins one dask release: best effort (without it, GPU workers are plain workers)
+	-$(PIP) download -q --no-deps --only-binary=:all: -d .whl dask-cuda
 	cd .deb && apt-get download bubblewrap
 
 clean: ## remove build outputs (not the venv, not the state)
