@@ -13,22 +13,26 @@ scheduler`` and ``dask worker --no-nanny --nthreads 1`` as two processes over ``
 with the same memory limit, and a plain ``Client``. The measurements take turns between
 the clusters so that noise hits them alike, and each figure is a median:
 
-- **task graph**: ``client.gather(client.map(neg, range(N), pure=False))`` (2,000 tiny
-  tasks). Target: TLS under 1.05x the time over TCP.
-- **transfer**: a 1 MB and a 100 MB ``bytes`` result (``os.urandom``: lz4 leaves it as it
-  is) made once on the worker, then fetched again and again with ``Future.result()`` -- as
-  a kernel's client does, through the scheduler (worker -> scheduler -> client, two
-  connections) -- and once more straight from the worker (``client.gather(direct=True)``,
-  one connection: the shape of a worker-to-worker transfer). Throughput over TLS against
-  TCP; target: at least 0.70x (Dask measured about 0.30x for 1 MB messages in
-  dask/distributed#5450).
+- **task graph**: ``client.gather(client.map(neg, range(1000), pure=False))``. Target:
+  TLS under 1.05x the time over TCP.
+- **transfer**: a 1 MB and a 100 MB ``bytes`` result (random, so that nothing could
+  compress it) made once on the worker, then fetched again and again: with
+  ``client.gather`` as a kernel's client does by default, through the scheduler (worker ->
+  scheduler -> client: two connections), and straight from the worker (``direct=True``,
+  one connection: also the shape of a worker-to-worker transfer). Throughput over TLS
+  against TCP fetched the same way; target: at least 0.70x (Dask measured about 0.30x for
+  1 MB messages in dask/distributed#5450). One more row compares TLS straight from the
+  worker (a client made with ``direct_to_workers=True``) with TCP through the scheduler,
+  plain Dask's default.
 
-Then the same over TLS clusters that differ only in the TLS settings, set the way a
-deployment would set them -- the ``distributed.comm.tls.*`` settings through ``DASK_*``
-environment variables of the scheduler and worker and in the client's ``Security``; TLS 1.3
-cipher suites, which Python's ``ssl`` cannot set, in an OpenSSL configuration file
-(``OPENSSL_CONF``) of the scheduler and worker, which choose the suite as the servers of
-every connection that carries data. These rows report their ratio to TCP too.
+For 100 MB the same also runs on TLS clusters that differ only in the TLS settings, set as
+a deployment would set them: ``distributed.comm.tls.ciphers``/``max-version`` through
+``DASK_*`` environment variables of the scheduler and worker and in the client's
+``Security``; TLS 1.3 cipher suites, which Python's ``ssl`` cannot set, in an OpenSSL
+configuration file (``OPENSSL_CONF``) of the scheduler and worker, the servers of every
+connection that carries the data. Each such row names the cipher its connections
+negotiated. (The cipher barely matters: the cost is AES-GCM itself and the 16 KB TLS
+records, each a separate ``SSL_read`` however large the buffer offered.)
 """
 
 from __future__ import annotations
@@ -67,19 +71,25 @@ class Variant:
     #: ``distributed.comm.tls.ciphers`` (an OpenSSL cipher string: TLS 1.2 and below)
     ciphers: str | None = None
     #: ``distributed.comm.tls.max-version``
-    max_version: str | None = None
+    max_version: ssl.TLSVersion | None = None
     #: TLS 1.3 cipher suites (OpenSSL ``Ciphersuites``) of the scheduler and worker
     suites: str | None = None
-    #: extra dask config of the scheduler and worker (and the client), ``DASK_*`` style
-    config: dict[str, str] = field(default_factory=dict)
 
 
 PRODUCTION = Variant("production settings")
 VARIANTS = [
     Variant("TLS 1.3 AES-128-GCM", suites="TLS_AES_128_GCM_SHA256"),
     Variant("TLS 1.3 CHACHA20-POLY1305", suites="TLS_CHACHA20_POLY1305_SHA256"),
-    Variant("TLS 1.2 ECDHE-ECDSA-AES128-GCM", ciphers="ECDHE-ECDSA-AES128-GCM-SHA256", max_version="1.2"),
-    Variant("TLS 1.2 ECDHE-ECDSA-AES256-GCM", ciphers="ECDHE-ECDSA-AES256-GCM-SHA384", max_version="1.2"),
+    Variant(
+        "TLS 1.2 ECDHE-ECDSA-AES128-GCM",
+        ciphers="ECDHE-ECDSA-AES128-GCM-SHA256",
+        max_version=ssl.TLSVersion.TLSv1_2,
+    ),
+    Variant(
+        "TLS 1.2 ECDHE-ECDSA-AES256-GCM",
+        ciphers="ECDHE-ECDSA-AES256-GCM-SHA384",
+        max_version=ssl.TLSVersion.TLSv1_2,
+    ),
 ]
 
 
@@ -107,21 +117,16 @@ def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the processes one after the other, the last started first (the workers go
+    before their scheduler, which they tell that they leave)."""
     for proc in reversed(procs):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
-    for proc in reversed(procs):
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-
-
-def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_", "OPENSSL_"))}
-    env["DASK_DISTRIBUTED__LOGGING__DISTRIBUTED"] = "warning"
-    return {**env, **extra}
 
 
 def _connect(
@@ -150,7 +155,7 @@ def _connect(
 def _tcp_cluster(root: Path) -> Iterator[Cluster]:
     """``dask scheduler`` and ``dask worker --no-nanny`` over ``tcp://``."""
     port, dashboard = _port(), _port()
-    env = _env({})
+    env = dict(os.environ)
     logs = [root / "tcp-scheduler.log", root / "tcp-worker.log"]
     address = f"tcp://127.0.0.1:{port}"
     procs = [
@@ -262,11 +267,14 @@ def _tls_cluster(root: Path, authority: Any, variant: Variant) -> Iterator[Clust
         "threads": 1,
     }
     (directory / "cluster.json").write_text(json.dumps(spec))
-    extra = dict(variant.config)
+    extra: dict[str, str] = {}
     if variant.ciphers:
         extra["DASK_DISTRIBUTED__COMM__TLS__CIPHERS"] = variant.ciphers
     if variant.max_version:
-        extra["DASK_DISTRIBUTED__COMM__TLS__MAX_VERSION"] = variant.max_version
+        extra["DASK_DISTRIBUTED__COMM__TLS__MAX_VERSION"] = {
+            ssl.TLSVersion.TLSv1_2: "1.2",
+            ssl.TLSVersion.TLSv1_3: "1.3",
+        }[variant.max_version]
     if variant.suites:
         conf = directory / "openssl.cnf"
         conf.write_text(
@@ -275,7 +283,7 @@ def _tls_cluster(root: Path, authority: Any, variant: Variant) -> Iterator[Clust
             f"[system_default_sect]\nCiphersuites = {variant.suites}\n"
         )
         extra["OPENSSL_CONF"] = str(conf)
-    env = _env(extra)
+    env = {**os.environ, **extra}
     logs = [directory / "scheduler.log", directory / "worker.log"]
     module = [sys.executable, "-I", "-m", "ztlab.kernels.cluster"]
     procs = [_spawn([*module, "scheduler", str(directory)], logs[0], env)]
@@ -286,7 +294,7 @@ def _tls_cluster(root: Path, authority: Any, variant: Variant) -> Iterator[Clust
         if variant.ciphers:
             options["tls_ciphers"] = variant.ciphers
         if variant.max_version:
-            options["tls_max_version"] = ssl.TLSVersion.TLSv1_2
+            options["tls_max_version"] = variant.max_version
         security = Security(
             tls_ca_file=str(directory / "ca.pem"),
             tls_client_cert=str(cert),
@@ -305,7 +313,7 @@ def _tls_cluster(root: Path, authority: Any, variant: Variant) -> Iterator[Clust
 
 def _cipher(client: Any, security: Any) -> str:
     """The protocol and cipher of a connection from ``client`` to the cluster's worker."""
-    from distributed.comm import connect
+    from distributed.comm.core import connect
 
     worker = next(iter(client.scheduler_info()["workers"]))
 
@@ -323,33 +331,9 @@ def _cipher(client: Any, security: Any) -> str:
 # -- measurements ---------------------------------------------------------------------------
 
 
-def _graph(client: Any, tasks: int) -> Callable[[], object]:
-    def action() -> object:
-        return client.gather(client.map(operator.neg, range(tasks), pure=False))
-
-    return action
-
-
-def _fetch(client: Any, size: int, *, direct: bool) -> Callable[[], object]:
-    from distributed import wait
-
-    future = client.submit(os.urandom, size, pure=False)
-    wait(future)
-
-    def action() -> object:
-        data = client.gather(future, direct=direct)
-        assert len(data) == size
-        return data
-
-    return action
-
-
-def _timed(repeats: int, clusters: list[Cluster], make: Callable[[Any], Callable[[], object]]) -> list[float]:
-    """The median time of ``make(client)()`` on each cluster, taking turns after a warm-up."""
-    actions = [make(cluster.client) for cluster in clusters]
-    for action in actions:
-        action()
-    samples: list[list[float]] = [[] for _ in clusters]
+def _timed(repeats: int, actions: list[Callable[[], object]]) -> list[float]:
+    """The median time of each action, the actions taking turns so that noise hits all alike."""
+    samples: list[list[float]] = [[] for _ in actions]
     for _ in range(repeats):
         for action, times in zip(actions, samples, strict=True):
             start = time.perf_counter()
@@ -358,72 +342,114 @@ def _timed(repeats: int, clusters: list[Cluster], make: Callable[[Any], Callable
     return [median(times) for times in samples]
 
 
+def _graph(client: Any, tasks: int) -> Callable[[], object]:
+    def action() -> object:
+        return client.gather(client.map(operator.neg, range(tasks), pure=False))
+
+    return action
+
+
+def _fetchers(clusters: list[Cluster], size: int) -> list[Callable[[], object]]:
+    """For each cluster, fetching a ``size``-byte result through the scheduler; then for each,
+    fetching it straight from the worker. Each fetched once (the connections opened)."""
+    from distributed import wait
+
+    futures = [cluster.client.submit(os.urandom, size, pure=False) for cluster in clusters]
+    wait(futures)
+
+    def fetch(cluster: Cluster, future: Any, direct: bool) -> Callable[[], object]:
+        def action() -> object:
+            data = cluster.client.gather(future, direct=direct)
+            assert len(data) == size
+            return data
+
+        return action
+
+    actions = [
+        fetch(cluster, future, direct)
+        for direct in (False, True)
+        for cluster, future in zip(clusters, futures, strict=True)
+    ]
+    for action in actions:
+        action()
+    return actions
+
+
 def run(*, quick: bool = False) -> list[Row]:
     from ztlab.hub.compute.authority import PoolAuthority
 
-    tasks = 500 if quick else 2000
-    graph_repeats = 3 if quick else 7
-    sizes = [(1 * MB, 5 if quick else 30), (100 * MB, 3 if quick else 7)]
+    tasks, graph_repeats = (250, 3) if quick else (1000, 7)
+    sizes = [(1 * MB, 30 if quick else 100), (100 * MB, 3 if quick else 7)]
     variants = [] if quick else VARIANTS
     with tempfile.TemporaryDirectory(prefix="ztlab-bench-pools-") as tmp, ExitStack() as stack:
         root = Path(tmp)
         authority = PoolAuthority(root / "ca", POOL)
         tcp = stack.enter_context(_tcp_cluster(root))
-        tls = [stack.enter_context(_tls_cluster(root, authority, v)) for v in [PRODUCTION, *variants]]
-        clusters = [tcp, *tls]
-        rows: list[Row] = []
-        graph = _timed(graph_repeats, clusters, lambda c: _graph(c, tasks))
-        rows += _rows(
-            f"{tasks:,} tasks, one worker thread (median of {graph_repeats})",
-            clusters,
-            [t * 1000 for t in graph],
-            "ms",
-            "< 1.05x",
-            lambda tls_ms, tcp_ms: tls_ms / tcp_ms,
-        )
+        tls = stack.enter_context(_tls_cluster(root, authority, PRODUCTION))
+
+        for cluster in (tcp, tls):  # warm-up
+            _graph(cluster.client, 50)()
+        graph = _timed(graph_repeats, [_graph(c.client, tasks) for c in (tcp, tls)])
+        rows = [
+            _row(
+                f"{tasks:,} tiny tasks over TLS ({tls.cipher}), median of {graph_repeats}",
+                graph[1] * 1000,
+                graph[0] * 1000,
+                "ms",
+                target="< 1.05x",
+            )
+        ]
         for size, repeats in sizes:
-            for direct, how in ((False, "through the scheduler"), (True, "straight from the worker")):
-                times = _timed(repeats, clusters, lambda c: _fetch(c, size, direct=direct))
-                rows += _rows(
-                    f"{size // MB} MB result {how} (median of {repeats})",
-                    clusters,
-                    [size / MB / t for t in times],
-                    "MB/s",
-                    ">= 0.70x",
-                    lambda tls_rate, tcp_rate: tls_rate / tcp_rate,
+            clusters = [tcp, tls]
+            if size > MB:  # the variants where they could matter, started only now
+                clusters += [
+                    stack.enter_context(_tls_cluster(root, authority, v)) for v in variants
+                ]
+            rates = [size / MB / t for t in _timed(repeats, _fetchers(clusters, size))]
+            through, direct = rates[: len(clusters)], rates[len(clusters) :]
+            for how, measured in (("through the scheduler", through), ("from the worker", direct)):
+                rows.append(
+                    _row(
+                        f"{size // MB} MB result {how} over TLS, median of {repeats}",
+                        measured[1],
+                        measured[0],
+                        "MB/s",
+                        target=">= 0.70x",
+                    )
                 )
+                rows += [
+                    _row(f"  variant {cluster.cipher}", rate, measured[0], "MB/s")
+                    for cluster, rate in zip(clusters[2:], measured[2:], strict=True)
+                ]
+            rows.append(
+                _row(
+                    "  from the worker over TLS (direct_to_workers=True) against"
+                    " Dask's default path",
+                    direct[1],
+                    through[0],
+                    "MB/s",
+                    how="through the scheduler",
+                )
+            )
     return rows
 
 
-def _rows(
-    what: str,
-    clusters: list[Cluster],
-    values: list[float],
+def _row(
+    metric: str,
+    value: float,
+    baseline: float,
     unit: str,
-    target: str,
-    ratio: Callable[[float, float], float],
-) -> list[Row]:
-    baseline = f"tcp:// same shape: {values[0]:,.1f} {unit}"
-    rows = [
-        Row(
-            "pools",
-            f"{what}, TLS ({clusters[1].cipher})",
-            values[1],
-            unit,
-            target=target,
-            baseline=baseline,
-            ratio=ratio(values[1], values[0]),
-        )
-    ]
-    rows += [
-        Row(
-            "pools",
-            f"  variant: {cluster.name} ({cluster.cipher})",
-            value,
-            unit,
-            baseline=baseline,
-            ratio=ratio(value, values[0]),
-        )
-        for cluster, value in zip(clusters[2:], values[2:], strict=True)
-    ]
-    return rows
+    *,
+    target: str = "",
+    how: str = "",
+) -> Row:
+    """A TLS figure against the TCP cluster's (measured the same way unless ``how`` says)."""
+    return Row(
+        "pools",
+        metric,
+        value,
+        unit,
+        target=target,
+        baseline=f"tcp:// {how or 'same shape'}: {baseline:,.1f} {unit}",
+        ratio=value / baseline,
+    )
