@@ -19,6 +19,10 @@ def pools_group() -> None:
     """GPU pools and the Dask clusters you run in them."""
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def _size(value: float) -> str:
     for unit in ("B", "K", "M", "G", "T"):
         if value < 1024 or unit == "T":
@@ -69,8 +73,9 @@ def status_command(
         for row in rows:
             gpus = ",".join(row["gpus"]) or "none"
             click.echo(
-                f"{row['id']}  {row['owner']:<12} {row['pool']:<12} {row['workers']} workers  "
-                f"GPUs {gpus:<8} {row['state']:<9} until {row['expires_at']}"
+                f"{row['id']}  {row['owner']:<12} {row['pool']:<12} "
+                f"{_n(row['workers'], 'worker'):<10}  GPUs {gpus:<8} {row['state']:<9} "
+                f"until {row['expires_at']}"
             )
         return
     row = api.call("GET", f"/ztlab/pools/clusters/{cluster_id}")
@@ -85,8 +90,8 @@ def status_command(
             click.echo(f"  {status['error']}")
         else:
             click.echo(
-                f"  {status['workers']} workers joined, {status['threads']} threads, "
-                f"{_size(status['memory'])} memory, {status['gpus']} GPU workers"
+                f"  {_n(status['workers'], 'worker')} joined, {_n(status['threads'], 'thread')}, "
+                f"{_size(status['memory'])} memory, {_n(status['gpus'], 'GPU worker')}"
             )
     if row.get("stop_reason"):
         click.echo(f"  stopped: {row['stop_reason']}")

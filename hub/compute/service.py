@@ -109,7 +109,7 @@ class ClusterService:
         self.backend = backend
         base = private_directory(config.state_dir / "compute", what="compute state directory")
         self.store = store or ClusterStore(base / "clusters.sqlite")
-        self._authority_dir = base / "ca"
+        self._authority_dir = private_directory(base / "ca", what="pool authorities directory")
         self._authorities: dict[str, PoolAuthority] = {}
         self._probes: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()

@@ -288,6 +288,11 @@ class ClusterStore:
         return [_record(row) for row in rows]
 
 
+def _n(count: int, word: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def _check_limits(
     pool: str, limits: GpuPool, held: list[ClusterRecord], *, workers: int, gpus: int
 ) -> None:
@@ -295,7 +300,8 @@ def _check_limits(
         if not held:
             return "you hold none"
         listed = ", ".join(
-            f"{c.id} ({c.workers} workers, {c.gpus} GPUs, stops by {_clock_time(c.expires_at)})"
+            f"{c.id} ({_n(c.workers, 'worker')}, {_n(c.gpus, 'GPU')}, "
+            f"stops by {_clock_time(c.expires_at)})"
             for c in held
         )
         return f"you hold {listed}; stop one with `ztlab pools stop ID`, or wait until it stops"
@@ -304,19 +310,19 @@ def _check_limits(
         raise ClusterQuotaExceeded(f"Pool {pool} runs no clusters (its max_clusters is 0).")
     if len(held) + 1 > limits.max_clusters:
         raise ClusterQuotaExceeded(
-            f"Pool {pool} allows {limits.max_clusters} cluster(s) per user (max_clusters); "
+            f"Pool {pool} allows {_n(limits.max_clusters, 'cluster')} per user (max_clusters); "
             f"{holding()}."
         )
     busy_workers = sum(c.workers for c in held)
     if busy_workers + workers > limits.max_workers:
         raise ClusterQuotaExceeded(
-            f"Pool {pool} allows {limits.max_workers} worker(s) per user (max_workers); you "
+            f"Pool {pool} allows {_n(limits.max_workers, 'worker')} per user (max_workers); you "
             f"asked for {workers} and {holding() if held else 'hold none'}."
         )
     busy_gpus = sum(c.gpus for c in held)
     if busy_gpus + gpus > limits.max_cluster_gpus:
         raise ClusterQuotaExceeded(
-            f"Pool {pool} allows {limits.max_cluster_gpus} GPU(s) per user for clusters "
+            f"Pool {pool} allows {_n(limits.max_cluster_gpus, 'GPU')} per user for clusters "
             f"(max_cluster_gpus); you asked for {gpus} and "
             f"{holding() if held else 'hold none'}."
         )

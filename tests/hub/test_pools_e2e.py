@@ -242,7 +242,7 @@ def test_ztlab_pools_status_shows_the_workers_the_scheduler_reports(
     status = CliRunner().invoke(cli, ["pools", "status", str(cluster["id"]), *hub])
     assert status.exit_code == 0, status.output
     assert f"cluster {cluster['id']} of paula in pool research: running" in status.output
-    assert "1 workers joined, 1 threads, 1G memory, 1 GPU workers" in status.output
+    assert "1 worker joined, 1 thread, 1G memory, 1 GPU worker" in status.output
     stranger = tmp_path / "quinn"
     stranger.write_text(pools.tokens["quinn"])
     refused = CliRunner().invoke(
@@ -457,9 +457,9 @@ def test_quota_message_names_the_limit_and_concurrent_requests_never_exceed_it(
         answers = list(executor.map(lambda _: ask(), range(4)))
     assert {a.status_code for a in answers} == {409}, [a.text for a in answers]
     message = answers[0].json()["message"]
-    assert "Pool research allows 1 cluster(s) per user (max_clusters)" in message
+    assert "Pool research allows 1 cluster per user (max_clusters)" in message
     cluster = _paula_cluster(pools)
-    assert f"you hold {cluster['id']} (1 workers, 1 GPUs, stops by " in message
+    assert f"you hold {cluster['id']} (1 worker, 1 GPU, stops by " in message
     rows = pools.api("paula", "GET", "/pools/clusters").json()["clusters"]
     assert [r["id"] for r in rows if r["owner"] == "paula"] == [cluster["id"]]
     assert len(pools.records("pool.cluster_refused", since)) == 4

@@ -204,10 +204,10 @@ def test_quota_messages_name_the_limit_what_is_held_and_when_it_stops(tmp_path: 
     first = service.start(ALICE, pool="research", workers=2, gpus=1, csr=_csr(), account="x")
     with pytest.raises(ClusterQuotaExceeded) as workers:
         service.start(ALICE, pool="research", workers=2, gpus=0, csr=_csr(), account="x")
-    assert "allows 3 worker(s) per user (max_workers); you asked for 2" in workers.value.message
-    assert f"you hold {first.cluster.id} (2 workers, 1 GPUs, stops by " in workers.value.message
+    assert "allows 3 workers per user (max_workers); you asked for 2" in workers.value.message
+    assert f"you hold {first.cluster.id} (2 workers, 1 GPU, stops by " in workers.value.message
     service.start(ALICE, pool="research", workers=1, gpus=0, csr=_csr(), account="x")
-    with pytest.raises(ClusterQuotaExceeded, match=r"allows 2 cluster\(s\) per user"):
+    with pytest.raises(ClusterQuotaExceeded, match=r"allows 2 clusters per user"):
         service.start(ALICE, pool="research", workers=1, gpus=0, csr=_csr(), account="x")
 
 
