@@ -271,22 +271,25 @@ class ControlPlane:
     def reconcile(self, users: Iterable[KnownUser]) -> Reconciliation:
         """Match leases and sandboxes with the servers that run, after a (re)start.
 
-        (1) A lease whose server does not run or start is released. (2) The sandbox of a
-        known user with no server running or starting is ended (everything in its cgroup
-        killed): processes a crashed hub left behind hold no lease and reach no GPU.
-        Users this hub does not know (another hub's, on the same machine) are left alone.
+        (1) The clusters of users with no server running or starting are stopped (and
+        those whose processes are gone). (2) A lease whose server (or cluster) does not run
+        is released. (3) The sandbox of a known user with no server running or starting is
+        ended (everything in its cgroup killed): processes a crashed hub left behind hold no
+        lease and reach no GPU. Users this hub does not know (another hub's, on the same
+        machine) are left alone.
         """
         known = list(users)
         running = {(user.name, server) for user in known for server in user.running}
+        holders = set(running)
         if self.clusters is not None:  # before the leases: a cluster's lease is its own
             self.clusters.reconcile(
                 {user.name for user in known if user.running}, actor=SYSTEM_ACTOR
             )
-            running |= {(c.owner, f"cluster-{c.id}") for c in self.clusters.store.active()}
+            holders |= {(c.owner, f"cluster-{c.id}") for c in self.clusters.store.active()}
         released: list[str] = []
         if self.leases is not None:
             for lease in self.leases.active():
-                if (lease.user, lease.server) not in running:
+                if (lease.user, lease.server) not in holders:
                     self.leases.release(lease.id, reason="reconciled", actor=SYSTEM_ACTOR)
                     released.append(lease.id)
         stopped: list[str] = []

@@ -107,6 +107,14 @@ class LoginStack:
             time.sleep(0.05)
         raise AssertionError(f"no audit record {action!r} (actor {actor!r}) after {since}")
 
+    def details(self, action: str, since: int = 0) -> list[dict[str, Any]]:
+        """The actor and detail of each ``action`` record from index ``since`` on, once the
+        records queued so far are written."""
+        time.sleep(0.5)
+        return [
+            {"actor": r.actor, **r.detail} for r in self.records()[since:] if r.action == action
+        ]
+
     def audit_size(self) -> int:
         if not self.audit_log.exists():
             return 0
@@ -416,6 +424,20 @@ def spawn_server(
         headers={"Authorization": f"token {token}"},
         timeout=120,
     )
+
+
+def ensure_server(stack: LoginStack, user: str, token: str) -> None:
+    """``user``'s default server, started (with no options) unless it is ready."""
+    model = requests.get(
+        f"{stack.hub_url}/hub/api/users/{user}",
+        headers={"Authorization": f"token {token}"},
+        timeout=30,
+    ).json()
+    if (model.get("servers") or {}).get("", {}).get("ready"):
+        return
+    answer = spawn_server(stack, user, token, {})
+    assert answer.status_code in (201, 202), answer.text
+    wait_ready(stack, user, token)
 
 
 def wait_ready(stack: LoginStack, user: str, token: str, timeout: float = 120) -> None:

@@ -133,7 +133,8 @@ class ClusterRelays:
                 owner=record.owner if record else "",
                 pool=record.pool if record else "",
                 peer=f"{peer[0]}:{peer[1]}",
-                reason=f"the relay admits only the users the cluster is shared with, not {user}",
+                reason="the relay admits only the users the cluster is shared with, not "
+                + (user or "an address outside the users' sandboxes"),
                 holder=None,
                 count=1,
             )

@@ -362,22 +362,8 @@ class ClusterService:
         environment: str | None,
     ) -> ClusterRequest:
         limits = self.config.gpu.pools[record.pool]
-        authority = self.authority(record.pool)
-        minutes = limits.certificate_minutes
         port = self.config.compute.port_base + 2 * record.slot
-        files: dict[str, bytes] = {"ca.pem": authority.ca_pem}
-        scheduler = authority.issue_with_key(
-            scheduler_identity(record.pool, record.id), minutes=minutes
-        )
-        files["scheduler.pem"], files["scheduler.key"] = scheduler.certificate, scheduler.key
-        for index in range(record.workers):
-            worker = authority.issue_with_key(
-                worker_identity(record.pool, record.id), minutes=minutes
-            )
-            files[f"worker-{index}.pem"], files[f"worker-{index}.key"] = (
-                worker.certificate,
-                worker.key,
-            )
+        files = {"ca.pem": self.authority(record.pool).ca_pem, **self._process_credentials(record)}
         gpus = tuple(lease.gpus) if lease is not None else ()
         minors = tuple(lease.minors) if lease is not None else ()
         access = ClusterAccess(
@@ -558,22 +544,24 @@ class ClusterService:
                 self._renew_cluster(record)
         return stopped
 
-    def _renew_cluster(self, record: ClusterRecord) -> None:
+    def _process_credentials(self, record: ClusterRecord) -> dict[str, bytes]:
+        """New keys and certificates for the scheduler and each worker, by file name."""
         authority = self.authority(record.pool)
         minutes = self.config.gpu.pools[record.pool].certificate_minutes
         files: dict[str, bytes] = {}
-        scheduler = authority.issue_with_key(
-            scheduler_identity(record.pool, record.id), minutes=minutes
-        )
-        files["scheduler.key"], files["scheduler.pem"] = scheduler.key, scheduler.certificate
-        for index in range(record.workers):
-            worker = authority.issue_with_key(
-                worker_identity(record.pool, record.id), minutes=minutes
-            )
-            files[f"worker-{index}.key"], files[f"worker-{index}.pem"] = (
-                worker.key,
-                worker.certificate,
-            )
+        names = [("scheduler", scheduler_identity(record.pool, record.id))]
+        names += [
+            (f"worker-{index}", worker_identity(record.pool, record.id))
+            for index in range(record.workers)
+        ]
+        for name, identity in names:
+            issued = authority.issue_with_key(identity, minutes=minutes)
+            files[f"{name}.pem"], files[f"{name}.key"] = issued.certificate, issued.key
+        return files
+
+    def _renew_cluster(self, record: ClusterRecord) -> None:
+        minutes = self.config.gpu.pools[record.pool].certificate_minutes
+        files = self._process_credentials(record)
         self.backend.renew(record.id, files)
         self.store.update(record, certificates_expire_at=time.time() + minutes * 60)
 

@@ -23,13 +23,12 @@ import requests
 from tests.hub.spawner.kernel_client import KernelSession
 from tests.hubstack import (
     LoginStack,
+    ensure_server,
     hub_token,
     provider_user,
     remove_accounts,
     running_stack,
-    spawn_server,
     stop_server,
-    wait_ready,
 )
 from tests.package_index import SimpleIndex
 
@@ -91,12 +90,7 @@ class PackageStack:
         raise AssertionError(f"build {name} {build} did not end")
 
     def records(self, action: str, since: int = 0) -> list[dict[str, object]]:
-        time.sleep(0.3)
-        return [
-            {"actor": r.actor, **r.detail}
-            for r in self.stack.records()[since:]
-            if r.action == action
-        ]
+        return self.stack.details(action, since)
 
 
 @pytest.fixture(scope="module")
@@ -145,17 +139,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PackageStack]
 
 def _server(packages: PackageStack, user: str) -> None:
     """``user``'s server, started unless it runs."""
-    token = packages.tokens[user]
-    model = requests.get(
-        f"{packages.stack.hub_url}/hub/api/users/{user}",
-        headers={"Authorization": f"token {token}"},
-        timeout=30,
-    ).json()
-    if (model.get("servers") or {}).get("", {}).get("ready"):
-        return
-    answer = spawn_server(packages.stack, user, token, {})
-    assert answer.status_code in (201, 202), answer.text
-    wait_ready(packages.stack, user, token)
+    ensure_server(packages.stack, user, packages.tokens[user])
 
 
 def _kernel(packages: PackageStack, user: str, kernel: str | None = None) -> KernelSession:

@@ -28,14 +28,13 @@ from cryptography.x509.oid import NameOID
 from tests.hub.spawner.kernel_client import KernelSession
 from tests.hubstack import (
     LoginStack,
+    ensure_server,
     hub_token,
     nvidia_nodes,
     provider_user,
     remove_accounts,
     running_stack,
-    spawn_server,
     stop_server,
-    wait_ready,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -78,29 +77,33 @@ class PoolStack:
         )
 
     def server(self, user: str) -> None:
-        token = self.tokens[user]
-        model = requests.get(
-            f"{self.stack.hub_url}/hub/api/users/{user}",
-            headers={"Authorization": f"token {token}"},
-            timeout=30,
-        ).json()
-        if (model.get("servers") or {}).get("", {}).get("ready"):
-            return
-        answer = spawn_server(self.stack, user, token, {})
-        assert answer.status_code in (201, 202), answer.text
-        wait_ready(self.stack, user, token)
+        ensure_server(self.stack, user, self.tokens[user])
 
     def kernel(self, user: str) -> KernelSession:
         self.server(user)
         return KernelSession(self.stack.hub_url, user, self.tokens[user])
 
+    def reaches(self, user: str, address: str) -> str:
+        """Whether a TCP connection from ``user``'s kernel to ``address`` opens:
+        ``REACHED`` or ``BLOCKED ERROR``."""
+        host, port = address.removeprefix("tls://").rsplit(":", 1)
+        kernel = self.kernel(user)
+        try:
+            result = kernel.execute(
+                "import socket\n"
+                "try:\n"
+                f"    socket.create_connection(({host!r}, {port}), timeout=5).close()\n"
+                "    print('REACHED')\n"
+                "except OSError as exc:\n"
+                "    print('BLOCKED', type(exc).__name__)\n",
+                timeout=30,
+            )
+        finally:
+            kernel.close()
+        return result.stdout.strip()
+
     def records(self, action: str, since: int = 0) -> list[dict[str, object]]:
-        time.sleep(0.5)
-        return [
-            {"actor": r.actor, **r.detail}
-            for r in self.stack.records()[since:]
-            if r.action == action
-        ]
+        return self.stack.details(action, since)
 
 
 @pytest.fixture(scope="module")
@@ -362,21 +365,7 @@ def test_strangers_certificates_are_refused_and_audited(pools: PoolStack, tmp_pa
 
 def test_another_users_kernel_cannot_reach_the_scheduler(pools: PoolStack) -> None:
     address = str(_paula_cluster(pools)["scheduler"])
-    host, port = address.removeprefix("tls://").rsplit(":", 1)
-    kernel = pools.kernel("quinn")
-    try:
-        result = kernel.execute(
-            "import socket\n"
-            "try:\n"
-            f"    socket.create_connection(({host!r}, {port}), timeout=5).close()\n"
-            "    print('REACHED')\n"
-            "except OSError as exc:\n"
-            "    print('BLOCKED', type(exc).__name__)\n",
-            timeout=30,
-        )
-    finally:
-        kernel.close()
-    assert "BLOCKED" in result.stdout, result.stdout
+    assert pools.reaches("quinn", address).startswith("BLOCKED")
 
 
 def test_a_shared_cluster_is_reached_through_the_hub_by_the_named_user_only(
@@ -415,20 +404,7 @@ def test_a_shared_cluster_is_reached_through_the_hub_by_the_named_user_only(
 
     # uma is not shared with: the firewall keeps her namespace off the relay's port
     host, port = relay.removeprefix("tls://").rsplit(":", 1)
-    stranger = pools.kernel("uma")
-    try:
-        blocked = stranger.execute(
-            "import socket\n"
-            "try:\n"
-            f"    socket.create_connection(({host!r}, {port}), timeout=5).close()\n"
-            "    print('REACHED')\n"
-            "except OSError as exc:\n"
-            "    print('BLOCKED', type(exc).__name__)\n",
-            timeout=30,
-        )
-    finally:
-        stranger.close()
-    assert "BLOCKED" in blocked.stdout, blocked.stdout
+    assert pools.reaches("uma", relay).startswith("BLOCKED")
     # and the relay itself admits no address but the shared users' (here: the host's own)
     import socket
 
@@ -439,7 +415,8 @@ def test_a_shared_cluster_is_reached_through_the_hub_by_the_named_user_only(
     refused = pools.records("pool.connection_refused", since)
     assert refused
     assert refused[0]["reason"] == (
-        "the relay admits only the users the cluster is shared with, not None"
+        "the relay admits only the users the cluster is shared with, "
+        "not an address outside the users' sandboxes"
     )
 
 

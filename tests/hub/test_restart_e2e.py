@@ -13,6 +13,9 @@ nodes on this GPU-less machine) and MLflow runs. Then, in order:
 3. the proxy alone is killed: the hub starts it again and restores the routes;
 4. a clean stop (``SIGTERM``, what ``ztlab down`` sends) stops the servers and releases
    their leases; the next start finds nothing left over.
+
+A Dask cluster of sam's (a pool's CPU workers) lives through the first kill and is adopted;
+when sam's server dies while the hub is down, the restarted hub stops it.
 """
 
 from __future__ import annotations
@@ -225,9 +228,54 @@ class _Load:
             thread.join()
 
 
+def _cluster(stack: LoginStack, user: str, token: str, cluster_id: str = "") -> Any:
+    """Start a CPU cluster of ``user`` (no id), or the state of cluster ``cluster_id``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    headers = {"Authorization": f"token {token}"}
+    if cluster_id:
+        return requests.get(
+            f"{stack.hub_url}/hub/api/ztlab/pools/clusters/{cluster_id}",
+            headers=headers,
+            timeout=60,
+        ).json()
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+    )
+    answer = requests.post(
+        f"{stack.hub_url}/hub/api/ztlab/pools/research/clusters",
+        json={
+            "workers": 1,
+            "gpus": 0,
+            "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+        },
+        headers=headers,
+        timeout=120,
+    )
+    assert answer.status_code == 201, answer.text
+    return answer.json()["cluster"]["id"]
+
+
+def _workers_joined(stack: LoginStack, user: str, token: str, cluster_id: str) -> int:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = _cluster(stack, user, token, cluster_id).get("status") or {}
+        if status.get("workers"):
+            return int(status["workers"])
+        time.sleep(1)
+    return 0
+
+
 def test_kill_9_of_hub_and_proxy_under_load(stack: LoginStack, servers: dict[str, str]) -> None:
     before = {(lease.user, lease.server): lease.gpus for lease in _active(stack)}
     assert set(before) == {("rita", ""), ("sam", "")}
+    cluster = _cluster(stack, "sam", servers["sam"])
+    assert _workers_joined(stack, "sam", servers["sam"], cluster) == 1
     proxy = _proxy_pid(stack)
     with _Load(stack, servers["rita"]) as load:
         time.sleep(1.5)
@@ -258,6 +306,10 @@ def test_kill_9_of_hub_and_proxy_under_load(stack: LoginStack, servers: dict[str
     reconciled = stack.wait_record("control_plane.reconciled", since=report.records - 50)
     assert sorted(reconciled.detail["running"]) == ["rita/", "sam/"]
     assert reconciled.detail["leases_released"] == []
+    # sam's cluster was adopted: still running, its worker still joined, asked by the new hub
+    assert _cluster(stack, "sam", servers["sam"], cluster)["state"] == "running"
+    assert _workers_joined(stack, "sam", servers["sam"], cluster) == 1
+    assert not stack.records("pool.cluster_stopped")
 
 
 def test_what_a_crash_leaves_is_mended_at_the_next_start(
@@ -307,6 +359,11 @@ def test_what_a_crash_leaves_is_mended_at_the_next_start(
     assert reconciled.detail["leases_released"] == [stray_lease.id]
     assert reconciled.detail["sandboxes_stopped"] == ["ztl-tom"]
     assert reconciled.detail["running"] == ["rita/"]
+    # sam's cluster ended with his server: stopped at the restart, its processes gone
+    ended = stack.wait_record("pool.cluster_stopped", actor="ztlab-hub", since=since)
+    assert ended.detail["owner"] == "sam"
+    assert ended.detail["reason"] == "the owner's session ended"
+    assert not [n for n in cgroups.names() if n.startswith(f"ztl-sam-{ended.detail['cluster']}")]
     released = stack.wait_record("gpu.lease.released", actor="ztlab-hub", since=since)
     assert released.detail["reason"] == "reconciled"
     # sam's server is not running, and sam can start it again (a GPU is free)
