@@ -264,55 +264,102 @@ async def run_scheduler(directory: Path, spec: dict[str, Any]) -> None:
     await scheduler.close()
 
 
-async def run_worker(directory: Path, spec: dict[str, Any], index: int) -> None:
-    """Worker ``index``: a dask-cuda worker on its GPU when there is one, else a CPU worker."""
-    from distributed import Worker
+def worker_security(directory: Path, index: int) -> Any:
+    """Worker ``index``'s ``Security`` (its own certificate, the pool's CA)."""
     from distributed.security import Security
 
-    access = ClusterAccess.from_json(spec["access"], source=str(directory / "cluster.json"))
-    refusals = Refusals()
-    install(access, refusals)
-    cert, key = directory / f"worker-{index}.pem", directory / f"worker-{index}.key"
-    security = Security(
+    return Security(
         tls_ca_file=str(directory / "ca.pem"),
-        tls_worker_cert=str(cert),
-        tls_worker_key=str(key),
+        tls_worker_cert=str(directory / f"worker-{index}.pem"),
+        tls_worker_key=str(directory / f"worker-{index}.key"),
         require_encryption=True,
     )
+
+
+async def run_worker(
+    directory: Path, spec: dict[str, Any], index: int, *, nanny: bool = False
+) -> None:
+    """Worker ``index``: a dask-cuda worker on its GPU when dask-cuda imports, else a Dask
+    worker (in this process, or with ``nanny`` in a child process, as dask-cuda runs it).
+
+    A worker in a child process sets itself up with this module as its Dask *preload*
+    (:func:`dask_setup`): the identity check on its listener, certificate renewal and the
+    forwarding of refusals happen there, where its connections are.
+    """
+    from distributed import Nanny, Worker
+
+    access = ClusterAccess.from_json(spec["access"], source=str(directory / "cluster.json"))
     scheduler = f"tls://{spec['scheduler']['host']}:{int(spec['scheduler']['port'])}"
     gpus: list[str] = list(spec.get("gpus", []))
     gpu = gpus[index] if index < len(gpus) else None
     options: dict[str, Any] = {
-        "security": security,
+        "security": worker_security(directory, index),
         "host": spec["scheduler"]["host"],
-        "protocol": "tls",
         "name": f"{access.cluster}-{index}",
         "nthreads": int(spec.get("threads", 1)),
         "memory_limit": int(spec.get("memory", 0)) or "auto",
         "dashboard": False,
+        "resources": {"GPU": 1} if gpu is not None else None,
     }
-    if gpu is not None:
-        options["resources"] = {"GPU": 1}
+    # what a worker in a child process reads in its preload (children inherit it)
+    os.environ[DIRECTORY_VARIABLE] = str(directory)
+    os.environ[INDEX_VARIABLE] = str(index)
+    install(access, _PROCESS_REFUSALS)  # this process's listeners (a nanny's too)
     worker = _cuda_worker(scheduler, options) if gpu is not None else None
+    if worker is None and nanny:
+        worker = Nanny(scheduler, preload=[PRELOAD], protocol="tls", **options)
     if worker is None:
-        worker = Worker(scheduler, **options)
+        worker = Worker(scheduler, protocol="tls", **options)
     await worker
-    servers = getattr(worker, "workers", None) or [worker]  # CUDAWorker wraps nannies
-    watchers = [
-        watch_certificates(_contexts(s), cert, key) for s in servers if hasattr(s, "listeners")
-    ]
-    watchers.append(asyncio.get_running_loop().create_task(_forward(worker, refusals)))
+    tasks = _set_up_worker(worker, directory, index) if isinstance(worker, Worker) else []
     await _until_signalled(worker)
-    for watcher in watchers:
-        watcher.cancel()
+    for task in tasks:
+        task.cancel()
     await worker.close()
 
 
+#: this module, as a Dask preload of workers in child processes (dask-cuda's nannies)
+PRELOAD: Final = "ztlab.kernels.cluster"
+#: where a worker in a child process finds its cluster directory and its index
+DIRECTORY_VARIABLE: Final = "ZTLAB_CLUSTER_DIR"
+INDEX_VARIABLE: Final = "ZTLAB_CLUSTER_WORKER"
+#: the refusals of this process's listeners
+_PROCESS_REFUSALS = Refusals()
+
+
+def _set_up_worker(worker: Any, directory: Path, index: int) -> list[asyncio.Task[None]]:
+    """Certificate renewal and refusal forwarding for a worker of this process."""
+    cert, key = directory / f"worker-{index}.pem", directory / f"worker-{index}.key"
+    loop = asyncio.get_running_loop()
+    return [
+        watch_certificates(_contexts(worker), cert, key),
+        loop.create_task(_forward(worker, _PROCESS_REFUSALS)),
+    ]
+
+
+def _preload_install() -> None:
+    """Imported as a worker's preload (before the worker listens): the identity check."""
+    folder = os.environ.get(DIRECTORY_VARIABLE)
+    if folder is None:
+        return
+    spec = load_spec(Path(folder))
+    access = ClusterAccess.from_json(spec["access"], source=f"{folder}/cluster.json")
+    install(access, _PROCESS_REFUSALS)
+
+
+async def dask_setup(worker: Any) -> None:
+    """Dask's preload hook, in the worker's own process: renewal and refusal forwarding."""
+    folder, index = os.environ.get(DIRECTORY_VARIABLE), os.environ.get(INDEX_VARIABLE)
+    if folder is not None and index is not None:
+        worker._ztlab_tasks = _set_up_worker(worker, Path(folder), int(index))
+
+
 def _cuda_worker(scheduler: str, options: dict[str, Any]) -> Any:
-    """A dask-cuda worker for the leased GPU, or ``None`` where dask-cuda or CUDA is missing
-    (the worker then runs on the CPU with the GPU still leased and fenced)."""
+    """A dask-cuda worker for the leased GPU, or ``None`` where dask-cuda does not import
+    (the worker then runs on the CPU with the GPU still leased and fenced). dask-cuda runs
+    its worker in a child process (a nanny): this module is its preload."""
     try:
-        from dask_cuda.worker import CUDAWorker
+        from dask_cuda import CUDAWorker
     except Exception as exc:
         _log.warning("dask-cuda is not usable here (%s): a CPU worker runs instead", exc)
         return None
@@ -324,7 +371,8 @@ def _cuda_worker(scheduler: str, options: dict[str, Any]) -> Any:
         nthreads=options["nthreads"],
         memory_limit=options["memory_limit"],
         dashboard=False,
-        resources=options.get("resources"),
+        resources=options["resources"],
+        preload=[PRELOAD],
     )
 
 
@@ -367,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     role = args.pop(0)
+    nanny = "--nanny" in args  # a worker in a child process, as dask-cuda runs one
+    args = [a for a in args if a != "--nanny"]
     index = int(args.pop(0)) if role == "worker" else 0
     directory = Path(args[0]) if args else CLUSTER_DIR
     spec = load_spec(directory)
@@ -374,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     if role == "scheduler":
         asyncio.run(run_scheduler(directory, spec))
     else:
-        asyncio.run(run_worker(directory, spec, index))
+        asyncio.run(run_worker(directory, spec, index, nanny=nanny))
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
+_preload_install()  # as a worker's preload; a no-op anywhere else

@@ -47,9 +47,15 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def running_cluster(
-    root: Path, *, owner: str = "alice", shared_with: Sequence[str] = (), gpus: Sequence[str] = ()
+    root: Path,
+    *,
+    owner: str = "alice",
+    shared_with: Sequence[str] = (),
+    gpus: Sequence[str] = (),
+    nanny: bool = False,
 ) -> Iterator[Running]:
-    """A scheduler and ``max(1, len(gpus))`` workers of pool ``research``, owned by ``owner``."""
+    """A scheduler and ``max(1, len(gpus))`` workers of pool ``research``, owned by ``owner``
+    (``nanny``: each worker in a child process, as dask-cuda runs them)."""
     authority = PoolAuthority(root / "ca", "research")
     directory = root / "cluster"
     directory.mkdir()
@@ -99,7 +105,7 @@ def running_cluster(
         env = dict(os.environ)
         if index < len(gpus):
             env["CUDA_VISIBLE_DEVICES"] = gpus[index]
-        start(["worker", str(index)], logs[index + 1], env)
+        start(["worker", *(["--nanny"] if nanny else []), str(index)], logs[index + 1], env)
     try:
         yield Running(directory, authority, f"tls://127.0.0.1:{port}", port, logs)
     finally:
@@ -163,15 +169,15 @@ def run_as(
         return f"refused: {type(exc).__name__}"
 
 
-def call(run: Running, holder: PeerIdentity, tmp: Path, op: str) -> Any:
-    """The scheduler's answer to ``op`` for ``holder``."""
+def call(run: Running, holder: PeerIdentity, tmp: Path, op: str, address: str = "") -> Any:
+    """The answer of the scheduler (or the server at ``address``) to ``op`` for ``holder``."""
     from distributed.core import rpc
 
     cert, key = credentials(run, holder, tmp)
     connection = security(run, cert, key).get_connection_args("client")
 
     async def ask() -> Any:
-        async with rpc(run.address, connection_args=connection) as scheduler:
-            return await getattr(scheduler, op)()
+        async with rpc(address or run.address, connection_args=connection, timeout=10) as server:
+            return await getattr(server, op)()
 
     return asyncio.run(ask())

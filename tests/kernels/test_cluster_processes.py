@@ -30,6 +30,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
+def nanny_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """Workers in child processes, as dask-cuda runs them: set up by the module as their
+    Dask preload."""
+    with running_cluster(tmp_path_factory.mktemp("nanny"), nanny=True) as run:
+        yield run
+
+
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     with running_cluster(tmp_path_factory.mktemp("cluster"), shared_with=["bob"]) as run:
         yield run
@@ -86,3 +94,27 @@ def test_a_renewed_scheduler_certificate_is_served_without_a_restart(
         served = _served_serial(cluster, tmp_path)
     assert served == issued.serial
     assert run_as(cluster, user_identity("research", "alice"), tmp_path) == "ran 3"
+
+
+def test_a_worker_in_a_child_process_checks_identities_and_reports_refusals(
+    nanny_cluster: Running, tmp_path: Path
+) -> None:
+    run = nanny_cluster
+    assert run_as(run, user_identity("research", "alice"), tmp_path) == "ran 3"
+    plane = control_plane_identity("research")
+    workers = call(run, plane, tmp_path, "identity")["workers"]
+    (address,) = list(workers)
+    # a stranger with a valid certificate of the pool, straight at the worker's listener
+    with pytest.raises(Exception):  # noqa: B017 - closed after the handshake, as any refusal
+        call(run, user_identity("research", "mallory"), tmp_path, "identity", address)
+    deadline = time.monotonic() + 20
+    held: list[dict[str, object]] = []
+    while time.monotonic() < deadline and not held:
+        time.sleep(1)
+        held = [
+            entry
+            for entry in call(run, plane, tmp_path, "ztlab_refusals")
+            if entry["holder"] == "ztlab://pool/research/user/mallory"
+        ]
+    assert held, "the worker's refusal did not reach its scheduler"
+    assert held[0]["reason"] == "user mallory is neither the owner (alice) nor shared with"
