@@ -39,7 +39,7 @@ from tests.hubstack import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
-USERS = ("paula", "quinn", "uma")
+USERS = ("paula", "quinn", "uma", "ada")
 
 POOLS = """
 [gpu.pools.research]
@@ -120,6 +120,7 @@ def pools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolStack]:
                     "paula": provider_user("paula", "ml-trainers"),
                     "quinn": provider_user("quinn", "ml-trainers"),
                     "uma": provider_user("uma", "viewers"),
+                    "ada": provider_user("ada", "ztlab-admins"),
                 },
                 pool="10.232.0.0/16",
                 table="ztlab_test_pools",
@@ -463,6 +464,48 @@ def test_a_non_member_is_refused_and_audited(pools: PoolStack) -> None:
     assert [r["actor"] for r in refused] == ["uma"]
 
 
+def test_the_client_certificate_is_renewed_while_the_client_lives(pools: PoolStack) -> None:
+    since = len(pools.stack.records())
+    kernel = pools.kernel("paula")
+    try:
+        result = kernel.execute(
+            "import ztlab.pools\n"
+            "rows = [c for c in ztlab.pools.clusters() if c['owner'] == 'paula']\n"
+            "client = ztlab.pools.connect(rows[0]['id'])\n"
+            "renewal = client.ztlab_renewal\n"
+            "before = renewal.expires_at\n"
+            "renewal.renew()\n"
+            "print('RENEWED', renewal.renewed, renewal.expires_at >= before)\n"
+            "print('SUM', client.submit(sum, [4, 5]).result())\n"
+            "client.close()\n",
+            timeout=120,
+        )
+    finally:
+        kernel.close()
+    assert "RENEWED 1 True" in result.stdout, result.stdout + result.stderr
+    assert "SUM 9" in result.stdout
+    issued = pools.records("pool.certificate_issued", since)
+    # connect's certificate and the renewal's: neither is tied to a new cluster
+    assert [(r["actor"], r["cluster"]) for r in issued] == [("paula", ""), ("paula", "")]
+
+
+def test_an_admin_sees_every_cluster_and_may_stop_any_but_starts_none(pools: PoolStack) -> None:
+    rows = pools.api("ada", "GET", "/pools/clusters").json()["clusters"]
+    owners = {r["owner"] for r in rows}
+    assert {"paula", "quinn"} <= owners
+    _, csr = _csr()
+    refused = pools.api("ada", "POST", "/pools/research/clusters", {"workers": 1, "csr": csr})
+    assert refused.status_code == 403  # the guardrail: admins do not compute
+    assert "Pool research is not open to you" in refused.json()["message"]
+    team = next(r for r in rows if r["owner"] == "quinn" and r["pool"] == "team")
+    stopped = pools.api("ada", "DELETE", f"/pools/clusters/{team['id']}")
+    assert stopped.status_code == 200, stopped.text
+    assert stopped.json()["stop_reason"] == "stopped by ada"
+    # quinn's other cluster (research) runs on; the relay of the team cluster is gone
+    left = pools.api("quinn", "GET", "/pools/clusters").json()["clusters"]
+    assert [r["pool"] for r in left if r["owner"] == "quinn"] == ["research"]
+
+
 def test_stopping_ends_the_processes_and_releases_the_gpu(pools: PoolStack) -> None:
     cluster = _paula_cluster(pools)
     since = len(pools.stack.records())
@@ -493,7 +536,7 @@ def test_the_owners_server_stopping_ends_their_cluster(pools: PoolStack) -> None
         for r in pools.api("quinn", "GET", "/pools/clusters").json()["clusters"]
         if r["owner"] == "quinn"
     ]
-    assert len(rows) == 2, "quinn's clusters (research, team) should run"
+    assert len(rows) == 1, "quinn's research cluster should run (ada stopped his team one)"
     since = len(pools.stack.records())
     stop_server(pools.stack, "quinn", pools.tokens["quinn"])
     stopped = pools.records("pool.cluster_stopped", since)
