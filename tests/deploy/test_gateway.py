@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dask_gateway_server.models as dgs_models
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -64,8 +65,6 @@ from ztlab.deploy.gateway_quota import (
     quota_backend,
 )
 from ztlab.deploy.k8s import K8sOptions
-
-dgs_models = pytest.importorskip("dask_gateway_server.models", reason="needs dask-gateway-server")
 
 K8S_VERSION = "1.32"
 GIB = 1024**3
@@ -201,7 +200,8 @@ def test_the_embedded_module_is_this_one() -> None:
 
 
 def test_merge_json_merges_as_the_controller_does() -> None:
-    utils = pytest.importorskip("dask_gateway_server.backends.kubernetes.utils")
+    from dask_gateway_server.backends.kubernetes import utils
+
     base = {"env": [{"name": "A"}], "resources": {"limits": {"cpu": "1"}}, "x": 1}
     extra = {"env": [{"name": "B"}], "resources": {"limits": {"nvidia.com/gpu": "1"}}, "x": 2}
     assert merge_json(base, extra) == utils.merge_json_objects(base, extra)
@@ -321,7 +321,6 @@ def values(config: ZtlabConfig) -> dict[str, Any]:
 
 def kube_worker_pod(c: Config, name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The worker pod the chart's controller makes for ``name`` asking for ``options``."""
-    pytest.importorskip("kubernetes_asyncio", reason="needs kubernetes_asyncio")
     from dask_gateway_server.backends.kubernetes.controller import KubeController
     from dask_gateway_server.utils import FrozenAttrDict
 
@@ -336,9 +335,8 @@ def kube_worker_pod(c: Config, name: str, options: dict[str, Any]) -> dict[str, 
 
 
 def validate(manifest: Mapping[str, Any]) -> None:
-    kubernetes_validate = pytest.importorskip(
-        "kubernetes_validate", reason="needs kubernetes-validate (the Kubernetes schemas)"
-    )
+    import kubernetes_validate
+
     kubernetes_validate.validate(dict(manifest), K8S_VERSION, strict=True)
 
 
@@ -792,10 +790,8 @@ def _processes_under(directory: Path) -> list[int]:
 
 @pytest.fixture
 def local_gateway(config: ZtlabConfig, tmp_path: Path) -> Iterator[RunningGateway]:
-    pytest.importorskip("dask_gateway", reason="needs the dask-gateway client")
     server = VENV_BIN / "dask-gateway-server"
-    if not server.exists():
-        pytest.skip("needs dask-gateway-server in the venv")
+    assert server.exists(), f"{server} is missing: `make venv-dev` installs dask-gateway-server"
     clusters = tmp_path / "clusters"
     api_port, proxy_port = free_port(), free_port()
     code = render_gateway_config(config, GatewayOptions(backend="unsafe-local"))
