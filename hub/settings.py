@@ -85,9 +85,13 @@ def _hub(c: Config, config: ZtlabConfig) -> None:
 def _hub_api_netloc(plane: ControlPlane) -> str:
     """``host:port`` of the hub's own API: with the sandbox, on the service address servers
     can reach (put on ``lo`` by the plane); otherwise as in ``[hub] api_url``."""
-    api = urlsplit(plane.config.hub.api_url)
-    host = plane.sandbox.segments.service_ip if plane.sandbox is not None else api.hostname
-    return f"{host}:{api.port or 8081}"
+    hub = plane.config.hub
+    host = (
+        plane.sandbox.segments.service_ip
+        if plane.sandbox is not None
+        else urlsplit(hub.api_url).hostname
+    )
+    return f"{host}:{hub.api_port}"
 
 
 def _proxy(c: Config, plane: ControlPlane) -> None:

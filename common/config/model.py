@@ -523,6 +523,12 @@ class HubConfig(_Model):
             'Default: `http://127.0.0.1:8081`. Example: `api_url = "http://10.0.0.5:8081"`.'
         ),
     )
+
+    @property
+    def api_port(self) -> int:
+        """The port of :attr:`api_url` (8081 where the URL names none)."""
+        return urlsplit(self.api_url).port or 8081
+
     proxy_api_url: HttpUrlText = Field(
         default="http://127.0.0.1:8001",
         description=(

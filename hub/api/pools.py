@@ -28,6 +28,7 @@ from tornado import httpclient, web
 from ztlab.common.errors import ZtlabError
 from ztlab.hub.api.base import ZtlabAPIHandler
 from ztlab.hub.identity import user_principal
+from ztlab.hub.timestamps import utc_iso
 
 _POOL = r"([a-z][a-z0-9_-]{0,63})"
 _ID = r"([a-f0-9]{16})"
@@ -214,15 +215,11 @@ class DashboardHandler(_PoolsAPIHandler):
 
 
 def _started(started: Any) -> dict[str, Any]:
-    from datetime import UTC, datetime
-
     return {
         "cluster": started.cluster.as_json(),
         "ca": started.ca.decode(),
         "certificate": started.certificate.decode(),
-        "certificate_expires_at": datetime.fromtimestamp(started.certificate_expires_at, UTC)
-        .isoformat(timespec="seconds")
-        .replace("+00:00", "Z"),
+        "certificate_expires_at": utc_iso(started.certificate_expires_at),
     }
 
 

@@ -115,8 +115,6 @@ class LocalComputeBackend(ComputeBackend):
         ]
         self.segments.allow_ingress(netns, port=request.port)
         self.segments.allow_ingress(netns, port=request.dashboard_port)
-        api_port = _port(self.config.hub.api_url)
-        self.segments.allow(netns, dest=self.segments.service_ip, port=api_port)
         python = str(Path(sys.executable))
         base_env = {
             "HOME": entry.pw_dir,
@@ -339,9 +337,3 @@ def _tail(log: Path, lines: int = 5) -> str:
     except OSError:
         return "(no log)"
     return " | ".join(text[-lines:]) or "(empty log)"
-
-
-def _port(url: str) -> int:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).port or 8081

@@ -28,7 +28,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -53,6 +52,7 @@ from ztlab.hub.compute.store import (
 )
 from ztlab.hub.policy import PolicyEngine, Principal
 from ztlab.hub.private import private_directory, write_private_file
+from ztlab.hub.timestamps import utc_iso
 
 #: renew the cluster's own certificates when less than this is left (seconds)
 RENEW_BEFORE_SECONDS: Final = 25 * 60
@@ -301,7 +301,7 @@ class ClusterService:
             **({"lease": lease.id} if lease is not None else {}),
             shared_with=list(record.shared_with),
             scheduler=record.address,
-            expires_at=_iso(record.expires_at),
+            expires_at=utc_iso(record.expires_at),
         )
         self._issued(principal.name, pool, client, cluster=record.id)
         return Started(
@@ -366,6 +366,7 @@ class ClusterService:
         files = {"ca.pem": self.authority(record.pool).ca_pem, **self._process_credentials(record)}
         gpus = tuple(lease.gpus) if lease is not None else ()
         minors = tuple(lease.minors) if lease is not None else ()
+        cuda_ids = tuple(map(self.inventory.cuda_id, gpus))
         access = ClusterAccess(
             pool=record.pool,
             cluster=record.id,
@@ -381,7 +382,7 @@ class ClusterService:
                 "http_prefix": f"/hub/pools/clusters/{record.id}/dashboard",
             },
             "workers": record.workers,
-            "gpus": list(self._cuda_ids(gpus)),
+            "gpus": list(cuda_ids),
             "memory": limits.worker_memory,
             "threads": max(1, int(limits.worker_cpus)),
         }
@@ -392,7 +393,7 @@ class ClusterService:
             workers=record.workers,
             gpus=gpus,
             minors=minors,
-            cuda_ids=self._cuda_ids(gpus),
+            cuda_ids=cuda_ids,
             shared_with=record.shared_with,
             port=port,
             dashboard_port=port + 1,
@@ -404,13 +405,6 @@ class ClusterService:
             environments=environments,
             environment=environment,
         )
-
-    def _cuda_ids(self, gpus: tuple[str, ...]) -> tuple[str, ...]:
-        ids = []
-        for gpu_id in gpus:
-            gpu = self.inventory.gpu(gpu_id) if self.inventory is not None else None
-            ids.append(gpu.uuid if gpu is not None and gpu.uuid else str(gpu_id))
-        return tuple(ids)
 
     def _undo(self, record: ClusterRecord, lease: Any, exc: BaseException) -> None:
         error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -438,7 +432,7 @@ class ClusterService:
             pool=pool,
             holder=user_identity(pool, user).uri,
             serial=f"{issued.serial:x}",
-            expires_at=_iso(issued.expires_at),
+            expires_at=utc_iso(issued.expires_at),
             cluster=cluster,
         )
 
@@ -618,7 +612,3 @@ def _renew_before(minutes: int) -> float:
     """Seconds before expiry the cluster's certificates are renewed: 25 minutes, or half
     their life when that is shorter (never at every sweep)."""
     return min(RENEW_BEFORE_SECONDS, minutes * 30.0)
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

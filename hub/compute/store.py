@@ -16,13 +16,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ztlab.common.config import GpuPool
 from ztlab.common.errors import UsageError, ZtlabError
 from ztlab.hub.private import state_database
+from ztlab.hub.timestamps import clock_text, utc_iso
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clusters (
@@ -121,19 +121,11 @@ class ClusterRecord:
             "shared_with": list(self.shared_with),
             "state": self.state,
             "scheduler": self.address,
-            "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at),
-            "stopped_at": _iso(self.stopped_at) if self.stopped_at else None,
+            "created_at": utc_iso(self.created_at),
+            "expires_at": utc_iso(self.expires_at),
+            "stopped_at": utc_iso(self.stopped_at) if self.stopped_at else None,
             "stop_reason": self.stop_reason,
         }
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _clock_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M UTC")
 
 
 class ClusterStore:
@@ -301,7 +293,7 @@ def _check_limits(
             return "you hold none"
         listed = ", ".join(
             f"{c.id} ({_n(c.workers, 'worker')}, {_n(c.gpus, 'GPU')}, "
-            f"stops by {_clock_time(c.expires_at)})"
+            f"stops by {clock_text(c.expires_at, time.time())})"
             for c in held
         )
         return f"you hold {listed}; stop one with `ztlab pools stop ID`, or wait until it stops"

@@ -18,6 +18,7 @@ from ztlab.common.envlock import EnvironmentLock, parse_lock
 from ztlab.common.errors import ZtlabError
 from ztlab.common.manifest import Manifest, parse_manifest
 from ztlab.hub.private import state_database, state_directory, state_file
+from ztlab.hub.timestamps import utc_iso
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS environments (
@@ -93,8 +94,8 @@ class BuildRow:
             "status": self.status,
             "digest": self.digest,
             "built_by": self.built_by,
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at) if self.finished_at else None,
+            "started_at": utc_iso(self.started_at),
+            "finished_at": utc_iso(self.finished_at) if self.finished_at else None,
             "error": self.error,
         }
 
@@ -236,7 +237,3 @@ class EnvironmentRegistry:
         """Close the database."""
         with self._lock:
             self._db.close()
-
-
-def _iso(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))

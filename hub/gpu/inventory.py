@@ -279,6 +279,12 @@ class Inventory:
         except KeyError:
             raise UnknownGpuError(f"no GPU pool lists a GPU {gpu_id!r}") from None
 
+    def cuda_id(self, gpu_id: str) -> str:
+        """What ``CUDA_VISIBLE_DEVICES`` names ``gpu_id`` by: its UUID where known, else the
+        id as configured (an index)."""
+        gpu = self.gpu(gpu_id)
+        return gpu.uuid or gpu.id
+
     def minor(self, gpu_id: str) -> int:
         """``N`` of ``/dev/nvidiaN`` for ``gpu_id``, needed for the device rules.
 

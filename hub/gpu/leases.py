@@ -40,7 +40,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -61,6 +60,7 @@ from ztlab.hub.gpu.backend import (
 from ztlab.hub.gpu.inventory import Inventory, UnknownPoolError
 from ztlab.hub.policy import PolicyEngine, Principal
 from ztlab.hub.private import private_directory, private_file
+from ztlab.hub.timestamps import clock_text, utc_iso
 
 __all__ = [
     "AUDIT_EXPIRED",
@@ -86,18 +86,6 @@ AUDIT_EXPIRED: Final = "gpu.lease.expired"
 SYSTEM_ACTOR: Final = "ztlab-hub"
 
 _SCHEMA_VERSION: Final = 1
-
-
-def _utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _clock_text(ts: float, now: float) -> str:
-    """``14:05 UTC`` today (UTC), ``2026-11-27 14:05 UTC`` on another day."""
-    moment = datetime.fromtimestamp(ts, UTC)
-    if moment.date() == datetime.fromtimestamp(now, UTC).date():
-        return moment.strftime("%H:%M UTC")
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _gpus(n: int) -> str:
@@ -470,10 +458,10 @@ class LeaseBroker(LeaseBackend):
         if lease.pool == pool and len(lease.gpus) == count and not lease.expired(now):
             return lease
         state = (
-            f"expired at {_clock_text(lease.expires_at, now)} and is being released"
+            f"expired at {clock_text(lease.expires_at, now)} and is being released"
             if lease.expired(now)
             else f"holds {_gpus(len(lease.gpus))} of pool {lease.pool} until "
-            f"{_clock_text(lease.expires_at, now)}"
+            f"{clock_text(lease.expires_at, now)}"
         )
         raise LeaseDenied(
             f"server {lease.server!r} already has GPU lease {lease.id}, which {state}; "
@@ -532,10 +520,10 @@ class LeaseBroker(LeaseBackend):
         if leases:
             soonest = min(lease.expires_at for lease in leases)
             if soonest <= now:
-                when = _clock_text(soonest, now)
+                when = clock_text(soonest, now)
                 text += f"; a lease there expired at {when} and will be released soon"
             else:
-                text += f"; next lease there expires at {_clock_text(soonest, now)}"
+                text += f"; next lease there expires at {clock_text(soonest, now)}"
         return text
 
     # -- release and expiry ---------------------------------------------------------
@@ -605,11 +593,11 @@ class LeaseBroker(LeaseBackend):
             "pool": lease.pool,
             "gpus": list(lease.gpus),
             "minors": list(lease.minors),
-            "granted_at": _utc(lease.granted_at),
-            "expires_at": _utc(lease.expires_at),
+            "granted_at": utc_iso(lease.granted_at),
+            "expires_at": utc_iso(lease.expires_at),
         }
         if lease.released_at is not None:
-            detail["released_at"] = _utc(lease.released_at)
+            detail["released_at"] = utc_iso(lease.released_at)
             detail["held_seconds"] = round(max(0.0, lease.released_at - lease.granted_at), 3)
         for key, value in extra.items():
             if isinstance(value, float) and not math.isfinite(value):

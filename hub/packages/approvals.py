@@ -18,6 +18,7 @@ from pathlib import Path
 from ztlab.common.errors import UsageError
 from ztlab.hub.packages.rules import Rule
 from ztlab.hub.private import state_database
+from ztlab.hub.timestamps import utc_iso
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -57,10 +58,10 @@ class PackageRequest:
             "user": self.user,
             "requirement": self.requirement,
             "reason": self.reason,
-            "requested_at": _iso(self.requested_at),
+            "requested_at": utc_iso(self.requested_at),
             "status": self.status,
             "decided_by": self.decided_by,
-            "decided_at": _iso(self.decided_at) if self.decided_at else None,
+            "decided_at": utc_iso(self.decided_at) if self.decided_at else None,
             "note": self.note,
             "scope": self.scope,
         }
@@ -147,7 +148,3 @@ class PackageRequests:
         """Close the database."""
         with self._lock:
             self._db.close()
-
-
-def _iso(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))

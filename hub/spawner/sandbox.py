@@ -256,6 +256,7 @@ class SandboxSpawner(DedicatedUserSpawner):
         """The cgroup, network namespace and bubblewrap command of the server (a thread)."""
         from ztlab.hub.sandbox.bwrap import DEFAULT_READONLY_PATHS, SandboxSpec
         from ztlab.hub.sandbox.cgroups import base_device_rules, gpu_device_rules
+        from ztlab.hub.sandbox.launch import readonly_paths
 
         plane = self.plane
         config = plane.config
@@ -270,7 +271,7 @@ class SandboxSpawner(DedicatedUserSpawner):
         netns = self._netns or sandbox.segments.create(self.user.name)
         self._netns = None  # the next spawn makes (or repairs) it again
         sandbox.segments.allow_ingress(netns, port=self.server_port)
-        api_port = _port(config.hub.api_url)
+        api_port = config.hub.api_port
         sandbox.segments.allow(netns, dest=sandbox.segments.service_ip, port=api_port)
         if plane.mirror is not None:  # the package gateway: the only route to packages
             sandbox.segments.allow(
@@ -285,7 +286,8 @@ class SandboxSpawner(DedicatedUserSpawner):
         env["JUPYTERHUB_API_URL"] = f"{scheme}://{sandbox.segments.service_ip}:{api_port}/hub/api"
         env["PATH"] = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
         if lease is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(_cuda_ids(plane, lease))
+            assert plane.inventory is not None  # leases are granted from the inventory
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(plane.inventory.cuda_id, lease.gpus))
             env["ZTLAB_GPU_LEASE"] = lease.id
             env["ZTLAB_GPU_POOL"] = lease.pool
         if "MLFLOW_TRACKING_URI" in env:
@@ -311,7 +313,7 @@ class SandboxSpawner(DedicatedUserSpawner):
             datasets=self.granted_datasets(roles),
             binds={str(usable.path): usable.path for usable in environments},
             devices=device_binds,
-            readonly_paths=_readonly_paths(DEFAULT_READONLY_PATHS),
+            readonly_paths=readonly_paths(DEFAULT_READONLY_PATHS),
             # other users' cgroups (names, pids, usage) are not the sandbox's business
             hidden=[
                 config.state_dir,
@@ -520,24 +522,3 @@ def _tools(bwrap: str) -> dict[str, str]:
             f"The sandbox cannot start: {exc.message}.",
             hint=f"An administrator must {exc.hint}.",
         ) from exc
-
-
-def _port(url: str) -> int:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).port or 8081
-
-
-def _cuda_ids(plane: Any, lease: Any) -> list[str]:
-    ids = []
-    for gpu_id in lease.gpus:
-        gpu = plane.inventory.gpu(gpu_id) if plane.inventory is not None else None
-        ids.append(gpu.uuid if gpu is not None and gpu.uuid else str(gpu_id))
-    return ids
-
-
-def _readonly_paths(system: tuple[Path, ...]) -> tuple[Path, ...]:
-    """The system, plus the venv (which holds ztlab itself) where it lives outside it."""
-    from ztlab.hub.sandbox.launch import readonly_paths
-
-    return readonly_paths(system)
