@@ -136,6 +136,36 @@ class _Renewal(threading.Thread):
         self.renewed += 1
 
 
+def _client(
+    api: HubAPI,
+    key: ec.EllipticCurvePrivateKey,
+    answer: dict[str, Any],
+    info: dict[str, Any],
+    address: str,
+    *,
+    direct: bool,
+    timeout: float,
+) -> Any:
+    """A client of cluster ``info`` at ``address`` with the certificate in ``answer``,
+    renewed in the background while it lives."""
+    from distributed import Client
+    from distributed.security import Security
+
+    creds = _credentials(key, answer)
+    security = Security(
+        tls_ca_file=str(creds.ca),
+        tls_client_cert=str(creds.certificate),
+        tls_client_key=str(creds.key),
+        require_encryption=True,
+    )
+    client = Client(address, security=security, timeout=timeout, direct_to_workers=direct)
+    renewal = _Renewal(api, info["pool"], key, creds, client, _expires(answer))
+    renewal.start()
+    client.ztlab_cluster = info  # type: ignore[attr-defined]
+    client.ztlab_renewal = renewal  # type: ignore[attr-defined]
+    return client
+
+
 def cluster(
     pool: str,
     workers: int = 1,
@@ -154,9 +184,6 @@ def cluster(
     roles, quotas) raise :class:`~ztlab.common.hubapi.HubAPIError` with the control
     plane's message, which names the limit.
     """
-    from distributed import Client
-    from distributed.security import Security
-
     api = api or HubAPI.from_environment()
     key = ec.generate_private_key(ec.SECP256R1())
     answer = api.call(
@@ -171,21 +198,10 @@ def cluster(
             "environment": os.environ.get("ZTLAB_ENVIRONMENT") or None,
         },
     )
-    creds = _credentials(key, answer)
-    security = Security(
-        tls_ca_file=str(creds.ca),
-        tls_client_cert=str(creds.certificate),
-        tls_client_key=str(creds.key),
-        require_encryption=True,
-    )
     info = answer["cluster"]
     # the owner's kernel shares the workers' network namespace: results come straight
     # from the workers (one TLS hop, not two through the scheduler); bench/pools.py
-    client = Client(info["scheduler"], security=security, timeout=timeout, direct_to_workers=True)
-    renewal = _Renewal(api, pool, key, creds, client, _expires(answer))
-    renewal.start()
-    client.ztlab_cluster = info  # type: ignore[attr-defined]
-    client.ztlab_renewal = renewal  # type: ignore[attr-defined]
+    client = _client(api, key, answer, info, info["scheduler"], direct=True, timeout=timeout)
     if wait:
         client.wait_for_workers(workers, timeout=timeout)
     return client
@@ -198,9 +214,6 @@ def connect(cluster_id: str, *, timeout: float = 60.0, api: HubAPI | None = None
     namespace); a user it is shared with goes through the hub's relay for that cluster
     (TLS end to end: the scheduler still checks the certificate).
     """
-    from distributed import Client
-    from distributed.security import Security
-
     api = api or HubAPI.from_environment()
     info: dict[str, Any] = api.call("GET", f"/ztlab/pools/clusters/{cluster_id}")
     user = os.environ.get("JUPYTERHUB_USER", "")
@@ -209,20 +222,8 @@ def connect(cluster_id: str, *, timeout: float = 60.0, api: HubAPI | None = None
     key = ec.generate_private_key(ec.SECP256R1())
     pool = info["pool"]
     answer = api.call("POST", f"/ztlab/pools/{pool}/certificate", {"csr": _csr(key)})
-    creds = _credentials(key, answer)
-    security = Security(
-        tls_ca_file=str(creds.ca),
-        tls_client_cert=str(creds.certificate),
-        tls_client_key=str(creds.key),
-        require_encryption=True,
-    )
     # only the owner reaches the workers; others go through the scheduler (via the relay)
-    client = Client(address, security=security, timeout=timeout, direct_to_workers=owner)
-    renewal = _Renewal(api, pool, key, creds, client, _expires(answer))
-    renewal.start()
-    client.ztlab_cluster = info  # type: ignore[attr-defined]
-    client.ztlab_renewal = renewal  # type: ignore[attr-defined]
-    return client
+    return _client(api, key, answer, info, address, direct=owner, timeout=timeout)
 
 
 def clusters(api: HubAPI | None = None) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ cluster past the quota (also from concurrent requests), a viewer.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import time
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.hub.spawner.kernel_client import KernelSession
+from tests.hub.spawner.kernel_client import Execution, KernelSession
 from tests.hubstack import (
     LoginStack,
     ensure_server,
@@ -79,27 +80,35 @@ class PoolStack:
     def server(self, user: str) -> None:
         ensure_server(self.stack, user, self.tokens[user])
 
-    def kernel(self, user: str) -> KernelSession:
+    @contextlib.contextmanager
+    def kernel(self, user: str) -> Iterator[KernelSession]:
+        """A kernel in ``user``'s server (started if need be), shut down after."""
         self.server(user)
-        return KernelSession(self.stack.hub_url, user, self.tokens[user])
+        session = KernelSession(self.stack.hub_url, user, self.tokens[user])
+        try:
+            yield session
+        finally:
+            session.close()
+
+    def run(self, user: str, code: str, timeout: float = 60) -> Execution:
+        """``code`` in a new kernel of ``user``'s."""
+        with self.kernel(user) as kernel:
+            return kernel.execute(code, timeout=timeout)
 
     def reaches(self, user: str, address: str) -> str:
         """Whether a TCP connection from ``user``'s kernel to ``address`` opens:
         ``REACHED`` or ``BLOCKED ERROR``."""
         host, port = address.removeprefix("tls://").rsplit(":", 1)
-        kernel = self.kernel(user)
-        try:
-            result = kernel.execute(
-                "import socket\n"
-                "try:\n"
-                f"    socket.create_connection(({host!r}, {port}), timeout=5).close()\n"
-                "    print('REACHED')\n"
-                "except OSError as exc:\n"
-                "    print('BLOCKED', type(exc).__name__)\n",
-                timeout=30,
-            )
-        finally:
-            kernel.close()
+        result = self.run(
+            user,
+            "import socket\n"
+            "try:\n"
+            f"    socket.create_connection(({host!r}, {port}), timeout=5).close()\n"
+            "    print('REACHED')\n"
+            "except OSError as exc:\n"
+            "    print('BLOCKED', type(exc).__name__)\n",
+            timeout=30,
+        )
         return result.stdout.strip()
 
     def records(self, action: str, since: int = 0) -> list[dict[str, object]]:
@@ -179,13 +188,10 @@ def test_a_member_computes_on_a_cluster_of_their_own_fenced_to_its_gpu(
     pools: PoolStack,
 ) -> None:
     since = len(pools.stack.records())
-    kernel = pools.kernel("paula")
-    try:
+    with pools.kernel("paula") as kernel:
         started = kernel.execute(START.format(workers=1, gpus=1), timeout=180)
         assert "CLUSTER" in started.stdout, started.stdout + started.stderr
         ran = kernel.execute(ON_WORKERS, timeout=60)
-    finally:
-        kernel.close()
     assert "SUM 45" in ran.stdout, ran.stdout + ran.stderr
     probes = json.loads(ran.stdout.split("PROBE ", 1)[1].splitlines()[0])
     (probe,) = probes.values()
@@ -372,33 +378,27 @@ def test_another_users_kernel_cannot_reach_the_scheduler(pools: PoolStack) -> No
 def test_a_shared_cluster_is_reached_through_the_hub_by_the_named_user_only(
     pools: PoolStack,
 ) -> None:
-    owner = pools.kernel("quinn")
-    try:
-        started = owner.execute(
-            "import ztlab.pools\n"
-            "team = ztlab.pools.cluster('team', workers=1, share_with=['paula'], timeout=90)\n"
-            "print('CLUSTER', team.ztlab_cluster['id'])\n",
-            timeout=180,
-        )
-    finally:
-        owner.close()
+    started = pools.run(
+        "quinn",
+        "import ztlab.pools\n"
+        "team = ztlab.pools.cluster('team', workers=1, share_with=['paula'], timeout=90)\n"
+        "print('CLUSTER', team.ztlab_cluster['id'])\n",
+        timeout=180,
+    )
     assert "CLUSTER" in started.stdout, started.stdout + started.stderr
     cluster_id = started.stdout.split("CLUSTER", 1)[1].split()[0]
     relay = pools.api("quinn", "GET", f"/pools/clusters/{cluster_id}").json()["relay"]
     assert relay
     assert relay.startswith("tls://10.232.255.254:")
 
-    guest = pools.kernel("paula")
-    try:
-        ran = guest.execute(
-            "import ztlab.pools\n"
-            f"c = ztlab.pools.connect({cluster_id!r})\n"
-            "print('SUM', c.submit(sum, [1, 2, 3]).result())\n"
-            "ztlab.pools.stop(c)\n",
-            timeout=120,
-        )
-    finally:
-        guest.close()
+    ran = pools.run(
+        "paula",
+        "import ztlab.pools\n"
+        f"c = ztlab.pools.connect({cluster_id!r})\n"
+        "print('SUM', c.submit(sum, [1, 2, 3]).result())\n"
+        "ztlab.pools.stop(c)\n",
+        timeout=120,
+    )
     assert "SUM 6" in ran.stdout, ran.stdout + ran.stderr
     # paula's stop closed her client only: quinn's cluster runs on
     assert pools.api("quinn", "GET", f"/pools/clusters/{cluster_id}").json()["state"] == "running"
@@ -446,18 +446,15 @@ def test_quota_message_names_the_limit_and_concurrent_requests_never_exceed_it(
 def test_a_non_member_is_refused_and_audited(pools: PoolStack) -> None:
     pools.server("uma")
     since = len(pools.stack.records())
-    kernel = pools.kernel("uma")
-    try:
-        result = kernel.execute(
-            "import ztlab.pools\n"
-            "try:\n"
-            "    ztlab.pools.cluster('research')\n"
-            "except Exception as exc:\n"
-            "    print('REFUSED', type(exc).__name__, exc)\n",
-            timeout=60,
-        )
-    finally:
-        kernel.close()
+    result = pools.run(
+        "uma",
+        "import ztlab.pools\n"
+        "try:\n"
+        "    ztlab.pools.cluster('research')\n"
+        "except Exception as exc:\n"
+        "    print('REFUSED', type(exc).__name__, exc)\n",
+        timeout=60,
+    )
     assert "REFUSED HubAPIError" in result.stdout, result.stdout + result.stderr
     assert "Pool research is not open to you" in result.stdout
     refused = pools.records("pool.cluster_refused", since)
@@ -466,22 +463,19 @@ def test_a_non_member_is_refused_and_audited(pools: PoolStack) -> None:
 
 def test_the_client_certificate_is_renewed_while_the_client_lives(pools: PoolStack) -> None:
     since = len(pools.stack.records())
-    kernel = pools.kernel("paula")
-    try:
-        result = kernel.execute(
-            "import ztlab.pools\n"
-            "rows = [c for c in ztlab.pools.clusters() if c['owner'] == 'paula']\n"
-            "client = ztlab.pools.connect(rows[0]['id'])\n"
-            "renewal = client.ztlab_renewal\n"
-            "before = renewal.expires_at\n"
-            "renewal.renew()\n"
-            "print('RENEWED', renewal.renewed, renewal.expires_at >= before)\n"
-            "print('SUM', client.submit(sum, [4, 5]).result())\n"
-            "client.close()\n",
-            timeout=120,
-        )
-    finally:
-        kernel.close()
+    result = pools.run(
+        "paula",
+        "import ztlab.pools\n"
+        "rows = [c for c in ztlab.pools.clusters() if c['owner'] == 'paula']\n"
+        "client = ztlab.pools.connect(rows[0]['id'])\n"
+        "renewal = client.ztlab_renewal\n"
+        "before = renewal.expires_at\n"
+        "renewal.renew()\n"
+        "print('RENEWED', renewal.renewed, renewal.expires_at >= before)\n"
+        "print('SUM', client.submit(sum, [4, 5]).result())\n"
+        "client.close()\n",
+        timeout=120,
+    )
     assert "RENEWED 1 True" in result.stdout, result.stdout + result.stderr
     assert "SUM 9" in result.stdout
     issued = pools.records("pool.certificate_issued", since)
@@ -509,14 +503,11 @@ def test_an_admin_sees_every_cluster_and_may_stop_any_but_starts_none(pools: Poo
 def test_stopping_ends_the_processes_and_releases_the_gpu(pools: PoolStack) -> None:
     cluster = _paula_cluster(pools)
     since = len(pools.stack.records())
-    kernel = pools.kernel("paula")
-    try:
-        result = kernel.execute(
-            f"import ztlab.pools\nprint('STOPPED', ztlab.pools.stop({cluster['id']!r})['state'])",
-            timeout=60,
-        )
-    finally:
-        kernel.close()
+    result = pools.run(
+        "paula",
+        f"import ztlab.pools\nprint('STOPPED', ztlab.pools.stop({cluster['id']!r})['state'])",
+        timeout=60,
+    )
     assert "STOPPED stopped" in result.stdout, result.stdout + result.stderr
     stopped = pools.records("pool.cluster_stopped", since)
     assert stopped[0]["reason"] == "stopped by paula"
