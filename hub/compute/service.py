@@ -107,9 +107,15 @@ class ClusterService:
         self.leases = leases
         self.inventory = inventory
         self.backend = backend
-        base = private_directory(config.state_dir / "compute", what="compute state directory")
+        # tighten: a folder the control plane made wider (0755, before the authorities'
+        # folder was made private) is narrowed to 0700, as the state directory is
+        base = private_directory(
+            config.state_dir / "compute", what="compute state directory", tighten=True
+        )
         self.store = store or ClusterStore(base / "clusters.sqlite")
-        self._authority_dir = private_directory(base / "ca", what="pool authorities directory")
+        self._authority_dir = private_directory(
+            base / "ca", what="pool authorities directory", tighten=True
+        )
         self._authorities: dict[str, PoolAuthority] = {}
         self._probes: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()

@@ -8,6 +8,7 @@ the shipped policies, the pool authorities, the SQLite stores, the GPU lease bro
 from __future__ import annotations
 
 import concurrent.futures
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,7 +113,7 @@ def _service(tmp_path: Path, **pool: Any) -> tuple[ClusterService, RecordingBack
             "roles": {"trainer": {"max_gpus": 2}},
         }
     )
-    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "state").mkdir(mode=0o700, exist_ok=True)
     policy = PolicyEngine.defaults()
     recorder = Recorder()
     inventory = Inventory.from_config(config, nvml=None)
@@ -288,3 +289,13 @@ def test_reconcile_stops_clusters_of_owners_without_a_server(tmp_path: Path) -> 
     assert stopped == [a.id]
     assert backend.stopped == [a.id]
     assert not service.leases.active()
+
+
+def test_a_wider_authorities_folder_the_control_plane_made_is_narrowed(tmp_path: Path) -> None:
+    # what the first version of the service left: compute/ca made with the umask (0755)
+    (tmp_path / "state" / "compute" / "ca").mkdir(parents=True, mode=0o755)
+    (tmp_path / "state" / "compute" / "ca").chmod(0o755)
+    (tmp_path / "state").chmod(0o700)
+    service, _, _ = _service(tmp_path)
+    assert stat.S_IMODE((tmp_path / "state" / "compute" / "ca").stat().st_mode) == 0o700
+    service.start(ALICE, pool="research", workers=1, gpus=0, csr=_csr(), account="x")
