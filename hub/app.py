@@ -219,6 +219,7 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
     async def sweep_clusters(self) -> None:
         """Stop clusters past their lifetime or whose owner lost the pool or the session
         (no server running); renew their own certificates (see ClusterService.sweep)."""
+        from ztlab.hub.compute.probe import collect_refusals
         from ztlab.hub.compute.service import Session
         from ztlab.hub.identity import granted_roles
 
@@ -236,31 +237,13 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
                 continue
             roles = granted_roles(await user.get_auth_state() or {})
             sessions[record.owner] = Session(roles=roles, active=user.spawner.active)
+        await collect_refusals(plane.clusters, plane.clusters.store.active())
         try:
             await asyncio.to_thread(plane.clusters.sweep, sessions.get, actor=SYSTEM_ACTOR)
         except Exception:
             self.log.exception("sweeping the pools' clusters failed")
         if plane.clusters.relays is not None:
             await plane.clusters.relays.sync(plane.clusters.store.active())
-        await self.collect_refusals()
-
-    async def collect_refusals(self) -> None:
-        """Ask each running cluster's scheduler for the connections it refused; record them."""
-        from ztlab.hub.compute.probe import ask_scheduler
-
-        plane = self.control_plane
-        assert plane is not None
-        assert plane.clusters is not None
-        for record in plane.clusters.store.active():
-            if record.state != "running":
-                continue
-            try:
-                entries = await ask_scheduler(plane.clusters, record, "ztlab_refusals")
-            except Exception as exc:
-                self.log.warning("cluster %s did not hand over its refusals: %s", record.id, exc)
-                continue
-            if entries:
-                plane.clusters.record_refusals(record, entries)
 
     def _poll_egress(self) -> None:
         if self.egress is not None:

@@ -27,6 +27,7 @@ from tornado import httpclient, web
 
 from ztlab.common.errors import ZtlabError
 from ztlab.hub.api.base import ZtlabAPIHandler
+from ztlab.hub.compute.probe import collect_refusals
 from ztlab.hub.identity import user_principal
 from ztlab.hub.timestamps import utc_iso
 
@@ -158,6 +159,7 @@ class ClusterHandler(_PoolsAPIHandler):
             return
         if record.owner != principal.name and not self.is_admin(principal):
             raise web.HTTPError(403, f"Only {record.owner} (or an admin) may stop this cluster.")
+        await collect_refusals(self.service, [record])  # before they go with the cluster
         stopped = await self.act(
             self.service.stop, record, actor=principal.name, reason=f"stopped by {principal.name}"
         )

@@ -9,10 +9,29 @@ cluster's status (``identity``) and to collect the connections it refused
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterable
 from typing import Any
+
+_log = logging.getLogger(__name__)
 
 #: seconds one question may take
 TIMEOUT_SECONDS = 5.0
+
+
+async def collect_refusals(service: Any, records: Iterable[Any]) -> None:
+    """Ask each running cluster's scheduler for the connections it refused and record them
+    (periodically, and before a cluster is stopped, so none is lost with it)."""
+    for record in records:
+        if record.state != "running":
+            continue
+        try:
+            entries = await ask_scheduler(service, record, "ztlab_refusals")
+        except Exception as exc:
+            _log.warning("cluster %s did not hand over its refusals: %s", record.id, exc)
+            continue
+        if entries:
+            service.record_refusals(record, entries)
 
 
 async def ask_scheduler(service: Any, record: Any, op: str, **arguments: Any) -> Any:

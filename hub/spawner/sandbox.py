@@ -379,6 +379,11 @@ class SandboxSpawner(DedicatedUserSpawner):
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
+        clusters = self.plane.clusters
+        if clusters is not None and not self.name:  # _end stops them: collect first
+            from ztlab.hub.compute.probe import collect_refusals
+
+            await collect_refusals(clusters, clusters.store.active(owner=self.user.name))
         released = await asyncio.to_thread(self._end, reason="server stopped")
         self.record(
             "server.stopped",

@@ -501,8 +501,14 @@ def test_an_admin_sees_every_cluster_and_may_stop_any_but_starts_none(pools: Poo
 
 
 def test_stopping_ends_the_processes_and_releases_the_gpu(pools: PoolStack) -> None:
+    import socket
+
     cluster = _paula_cluster(pools)
     since = len(pools.stack.records())
+    # a refusal just before the stop is collected from the scheduler before it goes
+    host, port = str(cluster["scheduler"]).removeprefix("tls://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        raw.sendall(b"not tls\n")
     result = pools.run(
         "paula",
         f"import ztlab.pools\nprint('STOPPED', ztlab.pools.stop({cluster['id']!r})['state'])",
@@ -511,6 +517,8 @@ def test_stopping_ends_the_processes_and_releases_the_gpu(pools: PoolStack) -> N
     assert "STOPPED stopped" in result.stdout, result.stdout + result.stderr
     stopped = pools.records("pool.cluster_stopped", since)
     assert stopped[0]["reason"] == "stopped by paula"
+    refused = pools.records("pool.connection_refused", since)
+    assert [r["reason"] for r in refused] == ["not a TLS connection (plain TCP)"]
     assert stopped[0]["leases_released"]
     assert pools.records("gpu.lease.released", since)
     from ztlab.hub.sandbox.cgroups import CgroupManager
