@@ -5,7 +5,9 @@
 - :mod:`~ztlab.hub.gpu.inventory`: the configured pools, each GPU resolved to its UUID
   and ``/dev/nvidiaN`` minor number (:class:`Inventory`);
 - :mod:`~ztlab.hub.gpu.leases`: who holds which GPUs until when (:class:`LeaseBroker`
-  over a SQLite :class:`LeaseStore`), after a policy decision and within role quotas.
+  over a SQLite :class:`LeaseStore`), after a policy decision and within role quotas;
+  with hand-over checks on, a GPU whose lease ended waits (a :class:`Handover`) until the
+  GPU monitor confirms that none of the old holder's processes remain on it.
 
 Start-up, on a GPU server::
 
@@ -31,7 +33,12 @@ from ztlab.hub.gpu.inventory import (
 from ztlab.hub.gpu.leases import (
     AUDIT_EXPIRED,
     AUDIT_GRANTED,
+    AUDIT_HANDOVER_CLEARED,
+    AUDIT_HANDOVER_HELD,
+    AUDIT_HANDOVER_RELEASED_BY_ADMIN,
     AUDIT_RELEASED,
+    Handover,
+    HandoverNotFound,
     Lease,
     LeaseBroker,
     LeaseDenied,
@@ -60,10 +67,15 @@ from ztlab.hub.gpu.nvml import (
 __all__ = [
     "AUDIT_EXPIRED",
     "AUDIT_GRANTED",
+    "AUDIT_HANDOVER_CLEARED",
+    "AUDIT_HANDOVER_HELD",
+    "AUDIT_HANDOVER_RELEASED_BY_ADMIN",
     "AUDIT_RELEASED",
     "Gpu",
     "GpuDevice",
     "GpuProcess",
+    "Handover",
+    "HandoverNotFound",
     "Inventory",
     "InventoryError",
     "Lease",

@@ -6,6 +6,12 @@ for GPUs; ``[gpu] lease_backend`` in ztlab.toml names which one, looked up among
 SQLite on this machine). A backend for a cluster scheduler registers its own entry point;
 nothing else changes. A subclass that leaves a method out fails when it is defined, not when
 a user first asks for a GPU.
+
+Hand-over hygiene: when ``handover_checks`` is on (the GPU monitor runs), a GPU whose lease
+ends is not granted again until the monitor has confirmed that no process of the old holder
+remains on it (:meth:`LeaseBackend.clear_handover`); one that fails the check is held back
+(:meth:`LeaseBackend.hold_handover`) until a later check passes or an administrator releases
+it (:meth:`LeaseBackend.release_hold`). Each GPU waiting is a :class:`Handover`.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Set
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Final, Literal, Self
 
 from ztlab.common.auditlog.sink import AuditSink
 from ztlab.common.config import ZtlabConfig
@@ -57,6 +63,10 @@ class LeaseStoreError(ZtlabError):
     """The lease database cannot be opened safely or is not a lease database."""
 
 
+class HandoverNotFound(UsageError):
+    """The GPU is not waiting for a hand-over check (or waits for another lease's)."""
+
+
 # --------------------------------------------------------------------------------------
 # Leases
 # --------------------------------------------------------------------------------------
@@ -87,6 +97,32 @@ class Lease:
     def expired(self, now: float) -> bool:
         """Whether ``now`` is at or past ``expires_at``."""
         return now >= self.expires_at
+
+
+#: where a GPU whose lease ended stands: the monitor has not yet confirmed it clean, or the
+#: check found a process of the old holder still on it
+HandoverState = Literal["checking", "held"]
+HANDOVER_CHECKING: Final = "checking"
+HANDOVER_HELD: Final = "held"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Handover:
+    """A GPU whose lease ended, held back from new leases until its hand-over check passes."""
+
+    #: the GPU id as configured
+    gpu: str
+    #: the lease that ended, and its holder
+    lease: str
+    user: str
+    server: str
+    pool: str
+    #: when the lease ended (POSIX seconds)
+    since: float
+    state: HandoverState
+    #: why it is held back, for administrators (``processes of alice's server still run:
+    #: pid 4242 (python)``)
+    reason: str
 
 
 class LeaseBackend(ABC):
@@ -141,6 +177,49 @@ class LeaseBackend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release what the backend holds open (not the leases)."""
+
+    # -- hand-over checks -----------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def handover_checks(self) -> bool:
+        """Whether a lease's end puts its GPUs into a hand-over check (default off)."""
+
+    @abstractmethod
+    def require_handover_checks(self, enabled: bool) -> None:
+        """Turn hand-over checks on (the GPU monitor runs) or off, for leases ending from
+        now on; GPUs already waiting keep waiting either way."""
+
+    @abstractmethod
+    def pending_handovers(self) -> list[Handover]:
+        """The GPUs waiting for (or held back by) a hand-over check, oldest first."""
+
+    @abstractmethod
+    def clear_handover(
+        self,
+        gpu: str,
+        *,
+        actor: str,
+        ecc_mode: bool | None,
+        checked: str,
+        lease: str | None = None,
+    ) -> None:
+        """The monitor found no process of the old holder on ``gpu``: it may be leased
+        again. ``checked`` says what was checked; ``lease``, when given, must be the lease
+        the GPU waits for (else :class:`HandoverNotFound`, as for a GPU not waiting)."""
+
+    @abstractmethod
+    def hold_handover(
+        self, gpu: str, *, reason: str, actor: str, lease: str | None = None
+    ) -> Handover:
+        """The check found the old holder still on ``gpu``: hold it back (state ``held``)
+        with ``reason``; the hand-over as it now stands. :class:`HandoverNotFound` as for
+        :meth:`clear_handover`."""
+
+    @abstractmethod
+    def release_hold(self, gpu: str, *, actor: str) -> Handover:
+        """An administrator lets ``gpu`` be leased again without a passing check; the
+        hand-over removed. :class:`HandoverNotFound` when it is not waiting."""
 
 
 def lease_backend(name: str, *, source: str = "ztlab.toml") -> type[LeaseBackend]:

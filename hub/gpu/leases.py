@@ -22,11 +22,22 @@ Steps (2) to (5) run in the one transaction. A lease ends when it is released
 ``expires_at``; until then its GPUs stay held, even past expiry, because the server
 using them may still be running.
 
+Hand-over checks (on while the GPU monitor runs, :meth:`LeaseBroker.require_handover_checks`):
+the transaction that ends a lease also puts each of its GPUs into the ``handovers`` table,
+state ``checking``; step (4) skips every GPU there, whoever asks (the user who just had it
+too). The monitor then clears it (:meth:`LeaseBroker.clear_handover`, audited
+``gpu.handover.cleared``) once no process of the old holder remains on it, or holds it back
+(:meth:`LeaseBroker.hold_handover`, state ``held``, audited ``gpu.handover.held`` once per
+change of state); an administrator may release a hold (:meth:`LeaseBroker.release_hold`,
+``gpu.handover.released_by_admin``). GPUs already waiting keep waiting when checks are
+turned off: the table is honoured always, it is only filled while checks are on.
+
 The leases live in one SQLite file (:class:`LeaseStore`), mode 0600 in a directory of
 mode 0700, in WAL mode with ``synchronous=FULL``: every change is committed, durably,
-before the call returns, so a hub restart neither loses nor doubles a lease. A table of
-held GPUs whose primary key is the GPU id makes "one GPU, one lease" a property of the
-database, not only of this code.
+before the call returns, so a hub restart neither loses nor doubles a lease, nor forgets a
+GPU waiting for its hand-over check. A table of held GPUs whose primary key is the GPU id
+makes "one GPU, one lease" a property of the database, not only of this code. Schema
+version 1 (before hand-over checks) is migrated to 2 when opened.
 """
 
 from __future__ import annotations
@@ -48,6 +59,11 @@ from ztlab.common.config import ZtlabConfig
 from ztlab.common.config.model import RoleConfig
 from ztlab.common.errors import UsageError
 from ztlab.hub.gpu.backend import (
+    HANDOVER_CHECKING,
+    HANDOVER_HELD,
+    Handover,
+    HandoverNotFound,
+    HandoverState,
     Lease,
     LeaseBackend,
     LeaseDenied,
@@ -65,7 +81,12 @@ from ztlab.hub.timestamps import clock_text, utc_iso
 __all__ = [
     "AUDIT_EXPIRED",
     "AUDIT_GRANTED",
+    "AUDIT_HANDOVER_CLEARED",
+    "AUDIT_HANDOVER_HELD",
+    "AUDIT_HANDOVER_RELEASED_BY_ADMIN",
     "AUDIT_RELEASED",
+    "Handover",
+    "HandoverNotFound",
     "Lease",
     "LeaseBroker",
     "LeaseDenied",
@@ -81,15 +102,23 @@ __all__ = [
 AUDIT_GRANTED: Final = "gpu.lease.granted"
 AUDIT_RELEASED: Final = "gpu.lease.released"
 AUDIT_EXPIRED: Final = "gpu.lease.expired"
+AUDIT_HANDOVER_CLEARED: Final = "gpu.handover.cleared"
+AUDIT_HANDOVER_HELD: Final = "gpu.handover.held"
+AUDIT_HANDOVER_RELEASED_BY_ADMIN: Final = "gpu.handover.released_by_admin"
 
 #: the audit actor of what the control plane does on its own (expiry)
 SYSTEM_ACTOR: Final = "ztlab-hub"
 
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
 
 
 def _gpus(n: int) -> str:
     return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
+def _holder(user: str, server: str) -> str:
+    """``alice's server`` (the default server) or ``alice's server 'gpu'``."""
+    return f"{user}'s server" if not server else f"{user}'s server {server!r}"
 
 
 # --------------------------------------------------------------------------------------
@@ -122,7 +151,40 @@ _DDL: Final = (
     "WHERE released_at IS NULL",
 )
 
+#: GPUs whose lease ended and that wait for their hand-over check (schema version 2)
+_HANDOVERS_DDL: Final = """
+    CREATE TABLE IF NOT EXISTS handovers (
+        gpu TEXT PRIMARY KEY,
+        lease_id TEXT NOT NULL REFERENCES leases (id),
+        since REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('checking', 'held')),
+        reason TEXT NOT NULL
+    ) STRICT
+    """
+
+#: schema version -> the statements that take a database of that version to the next one
+_MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = {1: (_HANDOVERS_DDL,)}
+
+_HANDOVER_COLUMNS: Final = (
+    "h.gpu, h.lease_id, l.username, l.server, l.pool, h.since, h.state, h.reason "
+    "FROM handovers AS h JOIN leases AS l ON l.id = h.lease_id"
+)
+
 _COLUMNS: Final = "id, username, server, pool, gpus, minors, granted_at, expires_at, released_at"
+
+
+def _handover_from_row(row: Sequence[Any]) -> Handover:
+    state: HandoverState = HANDOVER_HELD if row[6] == HANDOVER_HELD else HANDOVER_CHECKING
+    return Handover(
+        gpu=row[0],
+        lease=row[1],
+        user=row[2],
+        server=row[3],
+        pool=row[4],
+        since=row[5],
+        state=state,
+        reason=row[7],
+    )
 
 
 def _lease_from_row(row: Sequence[Any]) -> Lease:
@@ -181,13 +243,18 @@ class LeaseStore:
         conn.execute("PRAGMA foreign_keys=ON")
         with self.transaction() as tx:
             version = tx.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA_VERSION):
+            if version != 0 and version not in _MIGRATIONS and version != _SCHEMA_VERSION:
                 raise LeaseStoreError(
                     f"{self._path}: GPU lease database has schema version {version}; this "
-                    f"ztlab understands version {_SCHEMA_VERSION}"
+                    f"ztlab understands versions 1 to {_SCHEMA_VERSION}"
                 )
-            for statement in _DDL:
-                tx.execute(statement)
+            if version == 0:
+                for statement in (*_DDL, _HANDOVERS_DDL):
+                    tx.execute(statement)
+            # each step in the one transaction: a failed migration leaves the old version
+            for step in range(version, _SCHEMA_VERSION):
+                for statement in _MIGRATIONS.get(step, ()):
+                    tx.execute(statement)
             tx.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     @property
@@ -254,6 +321,23 @@ class LeaseStore:
             rows = self._conn.execute("SELECT gpu, lease_id FROM held").fetchall()
         return {str(gpu): str(lease_id) for gpu, lease_id in rows}
 
+    def handovers(self) -> list[Handover]:
+        """Every GPU waiting for (or held back by) its hand-over check, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_HANDOVER_COLUMNS} ORDER BY h.since, h.rowid"
+            ).fetchall()
+        return [_handover_from_row(row) for row in rows]
+
+    def handover(self, gpu: str) -> Handover | None:
+        """The hand-over ``gpu`` waits for, or ``None``."""
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {_HANDOVER_COLUMNS} WHERE h.gpu = ?",
+                (gpu,),
+            ).fetchone()
+        return None if row is None else _handover_from_row(row)
+
     # -- writes (inside a transaction) ----------------------------------------------
 
     def _insert(self, conn: sqlite3.Connection, lease: Lease) -> None:
@@ -275,15 +359,36 @@ class LeaseStore:
         )
 
     def _mark_released(
-        self, conn: sqlite3.Connection, lease: Lease, *, at: float, reason: str
+        self, conn: sqlite3.Connection, lease: Lease, *, at: float, reason: str, handover: bool
     ) -> Lease:
+        """End ``lease``; with ``handover``, its GPUs go to the hand-over check (same
+        transaction: no moment where they are free)."""
         conn.execute(
             "UPDATE leases SET released_at = ?, release_reason = ? "
             "WHERE id = ? AND released_at IS NULL",
             (at, reason, lease.id),
         )
         conn.execute("DELETE FROM held WHERE lease_id = ?", (lease.id,))
+        if handover:
+            waiting = (
+                f"lease {lease.id} of {_holder(lease.user, lease.server)} ended; waiting for "
+                "the GPU monitor to confirm that none of its processes remain"
+            )
+            conn.executemany(
+                "INSERT INTO handovers (gpu, lease_id, since, state, reason) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(gpu, lease.id, at, HANDOVER_CHECKING, waiting) for gpu in lease.gpus],
+            )
         return replace(lease, released_at=at)
+
+    def _hold(self, conn: sqlite3.Connection, gpu: str, *, reason: str) -> None:
+        conn.execute(
+            "UPDATE handovers SET state = ?, reason = ? WHERE gpu = ?",
+            (HANDOVER_HELD, reason, gpu),
+        )
+
+    def _end_handover(self, conn: sqlite3.Connection, gpu: str) -> None:
+        conn.execute("DELETE FROM handovers WHERE gpu = ?", (gpu,))
 
 
 # --------------------------------------------------------------------------------------
@@ -297,7 +402,8 @@ class LeaseBroker(LeaseBackend):
     The ``local`` lease backend. One broker per hub process; several brokers (processes)
     may share one store file. Thread-safe. ``roles`` are the configured roles with their
     quotas; roles a user holds that are not configured count for nothing. ``clock`` returns
-    POSIX seconds.
+    POSIX seconds. ``handover_checks`` turns hand-over checks on from the start (see
+    :meth:`require_handover_checks`).
     """
 
     @classmethod
@@ -327,6 +433,7 @@ class LeaseBroker(LeaseBackend):
         policy: PolicyEngine,
         audit: AuditSink | None = None,
         clock: Callable[[], float] = time.time,
+        handover_checks: bool = False,
     ) -> None:
         """Open (or create) the lease store at ``store_path``."""
         self._store = LeaseStore(path=store_path)
@@ -335,6 +442,7 @@ class LeaseBroker(LeaseBackend):
         self._policy = policy
         self._audit = audit
         self._clock = clock
+        self._handover_checks = bool(handover_checks)
 
     @property
     def store(self) -> LeaseStore:
@@ -424,9 +532,10 @@ class LeaseBroker(LeaseBackend):
             )
             lifetime = cap if hours is None else min(hours, cap)
 
-            # (4) free GPUs, in configuration order; the transaction keeps them free
-            held = self._store.held()
-            free = [gpu for gpu in pool_gpus if gpu.id not in held]
+            # (4) free GPUs (neither held nor waiting for their hand-over check), in
+            # configuration order; the transaction keeps them free
+            taken = self._taken()
+            free = [gpu for gpu in pool_gpus if gpu.id not in taken]
             if len(free) < count:
                 raise self._exhausted(pool=pool, count=count, now=now)
             chosen = free[:count]
@@ -498,6 +607,10 @@ class LeaseBroker(LeaseBackend):
             hint="stop a server that holds GPUs, or ask for fewer",
         )
 
+    def _taken(self) -> set[str]:
+        """GPU ids that cannot be leased now: held by a lease or waiting for a hand-over."""
+        return set(self._store.held()) | {h.gpu for h in self._store.handovers()}
+
     def _exhausted(self, *, pool: str, count: int, now: float) -> PoolExhausted:
         total = len(self._inventory.pool(pool))
         if count > total:
@@ -505,17 +618,45 @@ class LeaseBroker(LeaseBackend):
                 f"pool {pool} has {_gpus(total)} in all and you asked for {count}",
                 hint="ask for fewer GPUs",
             )
+        checking, _ = self._waiting(pool)
         return PoolExhausted(
             f"pool {pool} cannot lease {_gpus(count)} now; {self._pool_status(pool, now)}",
-            hint="try again when a lease there ends, or ask for fewer GPUs",
+            hint=(
+                "try again in a few minutes: a GPU is leased again once its hand-over check "
+                "passes; or ask for fewer GPUs"
+                if checking
+                else "try again when a lease there ends, or ask for fewer GPUs"
+            ),
         )
 
+    def _waiting(self, pool: str) -> tuple[int, int]:
+        """How many GPUs of ``pool`` are in the hand-over check, and how many held back."""
+        ids = {gpu.id for gpu in self._inventory.pool(pool)}
+        states = [h.state for h in self._store.handovers() if h.gpu in ids]
+        return states.count(HANDOVER_CHECKING), states.count(HANDOVER_HELD)
+
     def _pool_status(self, pool: str, now: float) -> str:
-        """``free in pool research: 0 of 2 GPUs; next lease there expires at 14:05 UTC``."""
+        """``free in pool research: 0 of 2 GPUs; next lease there expires at 14:05 UTC``,
+        with the GPUs waiting for their hand-over check, if any.
+
+        A held-back GPU is counted, not explained: the reason names the previous holder's
+        processes, which are for administrators, not for whoever asks next.
+        """
         gpus = self._inventory.pool(pool)
-        held = self._store.held()
-        free = sum(1 for gpu in gpus if gpu.id not in held)
+        taken = self._taken()
+        free = sum(1 for gpu in gpus if gpu.id not in taken)
         text = f"free in pool {pool}: {free} of {_gpus(len(gpus))}"
+        checking, held_back = self._waiting(pool)
+        if checking:
+            verb = "is waiting for its" if checking == 1 else "are waiting for their"
+            text += f"; {_gpus(checking)} of pool {pool} {verb} hand-over check"
+        if held_back:
+            verb = "is" if held_back == 1 else "are"
+            text += (
+                f"; {_gpus(held_back)} of pool {pool} {verb} held back: the hand-over check "
+                "found processes of the previous holder (it returns once they are gone, or "
+                "when an administrator releases it)"
+            )
         leases = self._store.active(pool=pool)
         if leases:
             soonest = min(lease.expires_at for lease in leases)
@@ -540,7 +681,9 @@ class LeaseBroker(LeaseBackend):
                 raise LeaseNotFound(f"there is no GPU lease {lease_id!r}")
             if not lease.active:
                 return
-            done = self._store._mark_released(tx, lease, at=self._clock(), reason=reason)
+            done = self._store._mark_released(
+                tx, lease, at=self._clock(), reason=reason, handover=self._handover_checks
+            )
             self._record(actor or lease.user, AUDIT_RELEASED, done, reason=reason)
 
     def release_server(self, *, user: str, server: str, reason: str) -> list[Lease]:
@@ -549,7 +692,9 @@ class LeaseBroker(LeaseBackend):
         with self._store.transaction() as tx:
             now = self._clock()
             for lease in self._store.active(user=user, server=server):
-                done = self._store._mark_released(tx, lease, at=now, reason=reason)
+                done = self._store._mark_released(
+                    tx, lease, at=now, reason=reason, handover=self._handover_checks
+                )
                 self._record(user, AUDIT_RELEASED, done, reason=reason)
                 released.append(done)
         return released
@@ -561,7 +706,9 @@ class LeaseBroker(LeaseBackend):
             now = self._clock()
             for lease in self._store.active():
                 if lease.expired(now):
-                    done = self._store._mark_released(tx, lease, at=now, reason="expired")
+                    done = self._store._mark_released(
+                        tx, lease, at=now, reason="expired", handover=self._handover_checks
+                    )
                     self._record(SYSTEM_ACTOR, AUDIT_EXPIRED, done, reason="expired")
                     expired.append(done)
         return expired
@@ -573,19 +720,117 @@ class LeaseBroker(LeaseBackend):
         return self._store.active(user=user, pool=pool)
 
     def free(self, pool: str) -> list[str]:
-        """Ids of the GPUs of ``pool`` that no lease holds, in configuration order."""
-        held = self._store.held()
-        return [gpu.id for gpu in self._inventory.pool(pool) if gpu.id not in held]
+        """Ids of the GPUs of ``pool`` that can be leased now (no lease holds them, none
+        waits for its hand-over check), in configuration order."""
+        taken = self._taken()
+        return [gpu.id for gpu in self._inventory.pool(pool) if gpu.id not in taken]
 
     def get(self, lease_id: str) -> Lease | None:
         """The lease ``lease_id``, active or not, or ``None``."""
         return self._store.get(lease_id)
 
+    # -- hand-over checks -----------------------------------------------------------
+
+    @property
+    def handover_checks(self) -> bool:
+        """Whether a lease's end puts its GPUs into the hand-over check."""
+        return self._handover_checks
+
+    def require_handover_checks(self, enabled: bool) -> None:
+        """Turn hand-over checks on or off for leases that end from now on (through this
+        broker). Turning them off frees no GPU already waiting: :meth:`release_hold` does."""
+        self._handover_checks = bool(enabled)
+
+    def pending_handovers(self) -> list[Handover]:
+        """The GPUs waiting for (or held back by) their hand-over check, oldest first."""
+        return self._store.handovers()
+
+    def clear_handover(
+        self,
+        gpu: str,
+        *,
+        actor: str,
+        ecc_mode: bool | None,
+        checked: str,
+        lease: str | None = None,
+    ) -> None:
+        """The monitor found no process of the old holder on ``gpu``: lease it again.
+
+        ``checked`` says what the monitor checked (recorded in the audit log), ``ecc_mode``
+        the GPU's ECC mode as read (``None``: unknown). Pass ``lease`` (the lease id of the
+        :class:`Handover` the check was for) so that a check made for one lease never
+        clears the next one's. Raises :class:`HandoverNotFound` when ``gpu`` does not wait
+        (for ``lease``).
+        """
+        with self._store.transaction() as tx:
+            handover = self._pending(gpu, lease)
+            self._store._end_handover(tx, gpu)
+            self._record_handover(
+                actor, AUDIT_HANDOVER_CLEARED, handover, ecc_mode=ecc_mode, checked=checked
+            )
+
+    def hold_handover(
+        self, gpu: str, *, reason: str, actor: str, lease: str | None = None
+    ) -> Handover:
+        """The check found the old holder still on ``gpu``: it stays out of new leases.
+
+        Audited when it goes from ``checking`` to ``held``; holding a held GPU again (every
+        tick of the monitor) updates the reason and records nothing. Returns the hand-over
+        as stored. :class:`HandoverNotFound` as for :meth:`clear_handover`.
+        """
+        with self._store.transaction() as tx:
+            handover = self._pending(gpu, lease)
+            now_held = replace(handover, state=HANDOVER_HELD, reason=reason)
+            if handover != now_held:
+                self._store._hold(tx, gpu, reason=reason)
+            if handover.state != HANDOVER_HELD:
+                self._record_handover(actor, AUDIT_HANDOVER_HELD, handover, reason=reason)
+        return now_held
+
+    def release_hold(self, gpu: str, *, actor: str) -> Handover:
+        """An administrator (``actor``) lets ``gpu`` be leased again whatever the check
+        found (or while no monitor runs); the hand-over removed, audited with its last
+        state and reason. :class:`HandoverNotFound` when ``gpu`` does not wait."""
+        with self._store.transaction() as tx:
+            handover = self._pending(gpu, None)
+            self._store._end_handover(tx, gpu)
+            self._record_handover(
+                actor, AUDIT_HANDOVER_RELEASED_BY_ADMIN, handover, reason=handover.reason
+            )
+        return handover
+
+    def _pending(self, gpu: str, lease: str | None) -> Handover:
+        handover = self._store.handover(gpu)
+        if handover is None:
+            raise HandoverNotFound(
+                f"GPU {gpu!r} is not waiting for a hand-over check",
+                hint="the GPUs waiting are those of pending_handovers()",
+            )
+        if lease is not None and handover.lease != lease:
+            raise HandoverNotFound(
+                f"GPU {gpu!r} waits for the hand-over check of lease {handover.lease}, "
+                f"not of lease {lease}",
+                hint="check the GPU again for the holder of the lease it waits for",
+            )
+        return handover
+
     # -- audit ----------------------------------------------------------------------
 
+    def _record_handover(self, actor: str, action: str, handover: Handover, **extra: Any) -> None:
+        detail: dict[str, Any] = {
+            "gpu": handover.gpu,
+            "lease": handover.lease,
+            "user": handover.user,
+            "server": handover.server,
+            "pool": handover.pool,
+            # the state it was in until this event
+            "state": handover.state,
+            "since": utc_iso(handover.since),
+            "waited_seconds": round(max(0.0, self._clock() - handover.since), 3),
+        }
+        self._emit(actor, action, detail, extra)
+
     def _record(self, actor: str, action: str, lease: Lease, **extra: Any) -> None:
-        if self._audit is None:
-            return
         detail: dict[str, Any] = {
             "lease": lease.id,
             "user": lease.user,
@@ -599,6 +844,13 @@ class LeaseBroker(LeaseBackend):
         if lease.released_at is not None:
             detail["released_at"] = utc_iso(lease.released_at)
             detail["held_seconds"] = round(max(0.0, lease.released_at - lease.granted_at), 3)
+        self._emit(actor, action, detail, extra)
+
+    def _emit(
+        self, actor: str, action: str, detail: dict[str, Any], extra: Mapping[str, Any]
+    ) -> None:
+        if self._audit is None:
+            return
         for key, value in extra.items():
             if isinstance(value, float) and not math.isfinite(value):
                 continue

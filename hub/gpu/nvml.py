@@ -25,14 +25,41 @@ A trace is a JSON object::
       ],
       "snapshots": [
         {"t": 0.0,
-         "processes": {"GPU-<uuid>": [{"pid": 4242, "used_memory": 1073741824}]},
-         "utilization": {"GPU-<uuid>": {"gpu": 97, "memory": 41}}}
+         "processes": {"GPU-<uuid>": [
+            {"pid": 4242, "used_memory": 1073741824,
+             "sm": 95,                                          # optional
+             "proc": {"comm": "python3", "uid": 1001,           # optional
+                      "cmdline": ["python3", "train.py"],
+                      "cgroup": "/ztlab/ztl-alice",
+                      "libraries": ["libcuda.so.1"]}}]},
+         "utilization": {"GPU-<uuid>": {"gpu": 97, "memory": 41}},
+         "devices": {"GPU-<uuid>": {                            # optional
+            "fb_used": 1073741824, "power_w": 312.5, "energy_mj": 912345678,
+            "pcie_tx": 1048576, "pcie_rx": 2097152, "nvlink_tx": 0, "nvlink_rx": 0,
+            "temperature_c": 61, "sm_clock_mhz": 1980, "xid": [79],
+            "ecc_mode": true, "ecc_sbe": 0, "ecc_dbe": 0}}}
       ]
     }
 
 Sizes are bytes, ``t`` is seconds since the first snapshot, and a device a snapshot does
 not mention has no processes (and no utilization reading) at that moment. UUIDs are
 normalized as the configuration normalizes them: ``GPU-``/``MIG-`` prefix, lower-case hex.
+
+The optional parts describe what the GPU monitor (:mod:`ztlab.hub.monitor`) reads:
+
+- a process's ``sm`` is its own SM utilization in percent (0 to 100, or ``null``);
+- a process's ``proc`` stands for ``/proc/PID`` of a synthetic PID: ``comm`` (required),
+  the real ``uid``, the ``cmdline`` arguments, the ``cgroup`` path the device fence applies
+  to and the mapped shared ``libraries`` by file name;
+- a snapshot's ``devices`` holds, per GPU or MIG UUID of the trace, what NVML reports
+  beyond processes and utilization (every field optional, ``null`` = not reported): bytes of
+  memory in use (``fb_used``), watts (``power_w``), the energy counter in millijoules
+  (``energy_mj``), PCIe and NVLink bytes per second (``pcie_tx``/``pcie_rx``,
+  ``nvlink_tx``/``nvlink_rx``), ``temperature_c``, ``sm_clock_mhz``, the XID error codes
+  raised since the previous snapshot (``xid``), whether ECC is enabled (``ecc_mode``) and
+  the volatile single- and double-bit ECC error counts (``ecc_sbe``, ``ecc_dbe``).
+
+Traces without these keys stay valid; every other key is refused, naming file and key path.
 """
 
 from __future__ import annotations
@@ -45,7 +72,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final, NamedTuple, Protocol
@@ -54,6 +81,7 @@ from ztlab.common.errors import UsageError, ZtlabError
 
 __all__ = [
     "TRACE_FORMAT",
+    "DeviceTelemetry",
     "GpuDevice",
     "GpuProcess",
     "MigDevice",
@@ -63,6 +91,7 @@ __all__ = [
     "RealNvml",
     "ReplayedNvml",
     "TraceError",
+    "TraceProcessFacts",
     "TraceSnapshot",
     "Utilization",
     "discover",
@@ -141,12 +170,54 @@ class GpuDevice:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TraceProcessFacts:
+    """What a trace records about a synthetic PID in place of ``/proc/PID`` (``proc``)."""
+
+    #: the short name (``/proc/PID/comm``)
+    comm: str
+    #: the real user id, ``None`` where not recorded
+    uid: int | None = None
+    #: the command line, one string per argument
+    cmdline: tuple[str, ...] = ()
+    #: the cgroup path the device fence applies to, ``None`` where not recorded
+    cgroup: str | None = None
+    #: mapped shared libraries, by file name
+    libraries: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GpuProcess:
     """A process using a GPU or MIG device."""
 
     pid: int
     #: bytes of GPU memory it uses, or ``None`` where NVML cannot tell
     used_memory: int | None
+    #: percent SM utilization of this process (a trace's ``sm``), ``None`` where unknown
+    sm_util: int | None = None
+    #: a trace's facts about a synthetic PID (``proc``); ``None``: ask ``/proc``
+    facts: TraceProcessFacts | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceTelemetry:
+    """What a trace snapshot records of one device beyond processes and utilization.
+
+    ``None`` (and an empty ``xid``): not reported. Units as in the module docstring.
+    """
+
+    fb_used: int | None = None
+    power_w: float | None = None
+    energy_mj: int | None = None
+    pcie_tx: int | None = None
+    pcie_rx: int | None = None
+    nvlink_tx: int | None = None
+    nvlink_rx: int | None = None
+    temperature_c: int | None = None
+    sm_clock_mhz: int | None = None
+    xid: tuple[int, ...] = ()
+    ecc_mode: bool | None = None
+    ecc_sbe: int | None = None
+    ecc_dbe: int | None = None
 
 
 class Utilization(NamedTuple):
@@ -236,6 +307,20 @@ class RealNvml:
 
     def __enter__(self) -> RealNvml:
         return self
+
+    @property
+    def pynvml(self) -> ModuleType:
+        """The ``pynvml`` module it calls (for readers of further metrics)."""
+        return self._nvml
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def handle(self, uuid: str) -> Any:
+        """The NVML handle of the GPU or MIG device ``uuid`` (:class:`NvmlError` if none)."""
+        return self._handle(uuid)
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
@@ -398,12 +483,14 @@ def discover() -> NvmlSource | None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TraceSnapshot:
-    """One moment of a trace: processes and utilization per device UUID."""
+    """One moment of a trace: processes, utilization and telemetry per device UUID."""
 
     #: seconds since the first snapshot
     t: float
     processes: Mapping[str, tuple[GpuProcess, ...]] = field(default_factory=dict)
     utilization: Mapping[str, Utilization] = field(default_factory=dict)
+    #: the snapshot's ``devices``: what else was read of a device (absent: nothing)
+    telemetry: Mapping[str, DeviceTelemetry] = field(default_factory=dict)
 
 
 class _Reader:
@@ -492,8 +579,24 @@ class _Reader:
             mig=tuple(migs),
         )
 
+    def text(self, value: object, where: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(where, "a string", value)
+        return value
+
+    def texts(self, value: object, where: str) -> tuple[str, ...]:
+        return tuple(
+            self.text(item, f"{where}[{i}]") for i, item in enumerate(self.array(value, where))
+        )
+
+    def optional_integer(
+        self, data: Mapping[str, Any], key: str, where: str, *, minimum: int = 0
+    ) -> int | None:
+        value = data.get(key)
+        return None if value is None else self.integer(value, f"{where}.{key}", minimum=minimum)
+
     def snapshot(self, value: object, where: str, known: set[str]) -> TraceSnapshot:
-        data = self.table(value, where, ("t",), ("processes", "utilization"))
+        data = self.table(value, where, ("t",), ("processes", "utilization", "devices"))
         t = data["t"]
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
             raise self.fail(f"{where}.t", "a number of seconds >= 0", t)
@@ -501,19 +604,10 @@ class _Reader:
         raw_processes = self.mapping(data.get("processes", {}), f"{where}.processes")
         for key, entries in raw_processes.items():
             uuid = self.known_uuid(key, f"{where}.processes", known)
-            listed: list[GpuProcess] = []
-            for i, raw in enumerate(self.array(entries, f"{where}.processes.{key}")):
-                here = f"{where}.processes.{key}[{i}]"
-                entry = self.table(raw, here, ("pid", "used_memory"))
-                used = entry["used_memory"]
-                listed.append(
-                    GpuProcess(
-                        pid=self.integer(entry["pid"], f"{here}.pid", minimum=1),
-                        used_memory=None
-                        if used is None
-                        else self.integer(used, f"{here}.used_memory"),
-                    )
-                )
+            listed = [
+                self.process(raw, f"{where}.processes.{key}[{i}]")
+                for i, raw in enumerate(self.array(entries, f"{where}.processes.{key}"))
+            ]
             processes[uuid] = tuple(sorted(listed, key=lambda p: p.pid))
         utilization: dict[str, Utilization] = {}
         raw_utilization = self.mapping(data.get("utilization", {}), f"{where}.utilization")
@@ -525,7 +619,77 @@ class _Reader:
                 gpu=self.integer(entry["gpu"], f"{here}.gpu", maximum=100),
                 memory=self.integer(entry["memory"], f"{here}.memory", maximum=100),
             )
-        return TraceSnapshot(t=float(t), processes=processes, utilization=utilization)
+        telemetry: dict[str, DeviceTelemetry] = {}
+        raw_devices = self.mapping(data.get("devices", {}), f"{where}.devices")
+        for key, raw in raw_devices.items():
+            uuid = self.known_uuid(key, f"{where}.devices", known)
+            telemetry[uuid] = self.telemetry(raw, f"{where}.devices.{key}")
+        return TraceSnapshot(
+            t=float(t), processes=processes, utilization=utilization, telemetry=telemetry
+        )
+
+    def process(self, value: object, where: str) -> GpuProcess:
+        entry = self.table(value, where, ("pid", "used_memory"), ("sm", "proc"))
+        used = entry["used_memory"]
+        sm = entry.get("sm")
+        raw_facts = entry.get("proc")
+        return GpuProcess(
+            pid=self.integer(entry["pid"], f"{where}.pid", minimum=1),
+            used_memory=None if used is None else self.integer(used, f"{where}.used_memory"),
+            sm_util=None if sm is None else self.integer(sm, f"{where}.sm", maximum=100),
+            facts=None if raw_facts is None else self.facts(raw_facts, f"{where}.proc"),
+        )
+
+    def facts(self, value: object, where: str) -> TraceProcessFacts:
+        data = self.table(value, where, ("comm",), ("uid", "cmdline", "cgroup", "libraries"))
+        cgroup = data.get("cgroup")
+        return TraceProcessFacts(
+            comm=self.text(data["comm"], f"{where}.comm"),
+            uid=self.optional_integer(data, "uid", where),
+            cmdline=self.texts(data.get("cmdline", []), f"{where}.cmdline"),
+            cgroup=None if cgroup is None else self.text(cgroup, f"{where}.cgroup"),
+            libraries=self.texts(data.get("libraries", []), f"{where}.libraries"),
+        )
+
+    def telemetry(self, value: object, where: str) -> DeviceTelemetry:
+        counters = (
+            *("fb_used", "energy_mj", "pcie_tx", "pcie_rx", "nvlink_tx", "nvlink_rx"),
+            *("sm_clock_mhz", "ecc_sbe", "ecc_dbe"),
+        )
+        data = self.table(
+            value, where, (), (*counters, "power_w", "temperature_c", "xid", "ecc_mode")
+        )
+        power = data.get("power_w")
+        if power is not None and (
+            isinstance(power, bool)
+            or not isinstance(power, int | float)
+            or not math.isfinite(power)
+            or power < 0
+        ):
+            raise self.fail(f"{where}.power_w", "a number of watts >= 0", power)
+        ecc_mode = data.get("ecc_mode")
+        if ecc_mode is not None and not isinstance(ecc_mode, bool):
+            raise self.fail(f"{where}.ecc_mode", "true, false or null", ecc_mode)
+        xid = tuple(
+            self.integer(code, f"{where}.xid[{i}]")
+            for i, code in enumerate(self.array(data.get("xid", []), f"{where}.xid"))
+        )
+        count = {key: self.optional_integer(data, key, where) for key in counters}
+        return DeviceTelemetry(
+            fb_used=count["fb_used"],
+            power_w=None if power is None else float(power),
+            energy_mj=count["energy_mj"],
+            pcie_tx=count["pcie_tx"],
+            pcie_rx=count["pcie_rx"],
+            nvlink_tx=count["nvlink_tx"],
+            nvlink_rx=count["nvlink_rx"],
+            temperature_c=self.optional_integer(data, "temperature_c", where, minimum=-273),
+            sm_clock_mhz=count["sm_clock_mhz"],
+            xid=xid,
+            ecc_mode=ecc_mode,
+            ecc_sbe=count["ecc_sbe"],
+            ecc_dbe=count["ecc_dbe"],
+        )
 
     def known_uuid(self, key: str, where: str, known: set[str]) -> str:
         uuid = normalize_uuid(key)
@@ -601,15 +765,20 @@ class ReplayedNvml:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise TraceError(f"{path}: cannot read the NVML trace: {exc.strerror}") from exc
+        return cls.from_json(text, source=str(path))
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "<trace>") -> ReplayedNvml:
+        """Replay the JSON trace ``text``; ``source`` names it in errors (a file name)."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise TraceError(
-                f"{path}: line {exc.lineno}, column {exc.colno}: not JSON: {exc.msg}"
+                f"{source}: line {exc.lineno}, column {exc.colno}: not JSON: {exc.msg}"
             ) from exc
         if not isinstance(data, dict):
-            raise TraceError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+            raise TraceError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=source)
 
     # -- replay ---------------------------------------------------------------------
 
@@ -670,6 +839,11 @@ class ReplayedNvml:
         key, _ = self._check(uuid)
         return self.snapshot.utilization.get(key)
 
+    def telemetry(self, uuid: str) -> DeviceTelemetry | None:
+        """The current snapshot's ``devices`` entry for ``uuid``; ``None`` if not recorded."""
+        key, _ = self._check(uuid)
+        return self.snapshot.telemetry.get(key)
+
 
 # --------------------------------------------------------------------------------------
 # Recording
@@ -695,6 +869,39 @@ def _device_json(device: GpuDevice) -> dict[str, Any]:
     }
 
 
+def _process_json(process: GpuProcess) -> dict[str, Any]:
+    entry: dict[str, Any] = {"pid": process.pid, "used_memory": process.used_memory}
+    if process.sm_util is not None:
+        entry["sm"] = process.sm_util
+    facts = process.facts
+    if facts is not None:
+        proc: dict[str, Any] = {"comm": facts.comm}
+        if facts.uid is not None:
+            proc["uid"] = facts.uid
+        proc["cmdline"] = list(facts.cmdline)
+        if facts.cgroup is not None:
+            proc["cgroup"] = facts.cgroup
+        proc["libraries"] = list(facts.libraries)
+        entry["proc"] = proc
+    return entry
+
+
+def _telemetry_json(source: NvmlSource, uuid: str) -> dict[str, Any]:
+    """The ``devices`` entry of ``uuid`` where ``source`` has ``telemetry(uuid)`` (a replay)."""
+    reader = getattr(source, "telemetry", None)
+    recorded = reader(uuid) if callable(reader) else None
+    if not isinstance(recorded, DeviceTelemetry):
+        return {}
+    entry: dict[str, Any] = {
+        item.name: getattr(recorded, item.name)
+        for item in fields(recorded)
+        if item.name != "xid" and getattr(recorded, item.name) is not None
+    }
+    if recorded.xid:
+        entry["xid"] = list(recorded.xid)
+    return entry
+
+
 def record_trace(
     source: NvmlSource,
     *,
@@ -708,7 +915,10 @@ def record_trace(
 
     The result is a JSON-able trace that :meth:`ReplayedNvml.from_dict` replays: record
     one on a GPU server (``record_trace(RealNvml(), samples=10, interval=1)``) and keep
-    it under ``tests/data/nvml/``. Devices are read once, at the start.
+    it under ``tests/data/nvml/``. Devices are read once, at the start. A process's
+    ``sm_util`` and ``facts`` are written as ``sm`` and ``proc``, and a source with a
+    ``telemetry(uuid)`` method returning :class:`DeviceTelemetry` (:class:`ReplayedNvml`)
+    also fills each snapshot's ``devices``.
     """
     if samples < 1:
         raise UsageError(f"samples must be at least 1, got {samples}")
@@ -721,16 +931,25 @@ def record_trace(
             sleep(interval)
         processes: dict[str, list[dict[str, Any]]] = {}
         utilization: dict[str, dict[str, int]] = {}
+        telemetry: dict[str, dict[str, Any]] = {}
         for uuid in uuids:
             running = source.processes(uuid)
             if running:
-                processes[uuid] = [{"pid": p.pid, "used_memory": p.used_memory} for p in running]
+                processes[uuid] = [_process_json(p) for p in running]
             rates = source.utilization(uuid)
             if rates is not None:
                 utilization[uuid] = {"gpu": rates.gpu, "memory": rates.memory}
-        snapshots.append(
-            {"t": round(clock() - start, 3), "processes": processes, "utilization": utilization}
-        )
+            recorded = _telemetry_json(source, uuid)
+            if recorded:
+                telemetry[uuid] = recorded
+        snapshot: dict[str, Any] = {
+            "t": round(clock() - start, 3),
+            "processes": processes,
+            "utilization": utilization,
+        }
+        if telemetry:
+            snapshot["devices"] = telemetry
+        snapshots.append(snapshot)
     trace: dict[str, Any] = {"format": TRACE_FORMAT}
     if description:
         trace["description"] = description

@@ -24,3 +24,14 @@ def test_a_backend_missing_a_method_fails_when_it_is_defined() -> None:
         class Half(LeaseBackend):
             def close(self) -> None:
                 pass
+
+
+def test_a_backend_without_hand_over_checks_fails_when_it_is_defined() -> None:
+    before = ("open", "grant", "release", "release_server", "expire", "active", "close")
+    methods = {name: LeaseBroker.__dict__[name] for name in before}
+    with pytest.raises(
+        TypeError,
+        match=r"Old must implement clear_handover, handover_checks, hold_handover, "
+        r"pending_handovers, release_hold, require_handover_checks$",
+    ):
+        type("Old", (LeaseBackend,), methods)
