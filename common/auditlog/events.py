@@ -54,6 +54,17 @@ _CLUSTER = {
 }
 _SYSTEM = "``ztlab-hub`` (the control plane on its own)"
 
+_HANDOVER = {
+    "gpu": "the GPU id as configured",
+    "lease": "the lease that ended",
+    "user": "its holder",
+    "server": "the holder's server (empty: the default one)",
+    "pool": "the pool",
+    "state": "the state until this event (checking or held)",
+    "since": "when the lease ended (UTC)",
+    "waited_seconds": "seconds since the lease ended",
+}
+
 _LEASE_FIELDS = {
     "lease": "lease id",
     "user": "the holder",
@@ -372,6 +383,71 @@ _TYPES: tuple[EventType, ...] = (
     ),
     EventType("gpu.lease.released", "A lease ended before its expiry.", "the holder", _LEASE_ENDED),
     EventType("gpu.lease.expired", "A lease reached its expiry.", _SYSTEM, _LEASE_ENDED),
+    # -- GPU monitor --
+    EventType(
+        "gpu.alert",
+        "The GPU monitor raised an alert (each kind is listed on the monitor page).",
+        _SYSTEM,
+        {
+            "alert": "the alert's id in the monitor's store (null if storing it failed)",
+            "kind": "the alert kind (unleased_process, outside_cgroup, miner, ...)",
+            "severity": "warning or critical",
+            "message": "what was seen, for admins",
+            "uuid": "the GPU or MIG device",
+            "pid": "the process (null for device errors)",
+            "user": "the holder of the process (null: outside every ztlab cgroup)",
+            "server": "the holder's server, cluster-ID or run-ID",
+            "lease": "the lease the device is under (null: not leased)",
+            "pool": "the device's pool",
+            "subject": "the principal the policy decided the responses for",
+            "evidence": "the numbers behind the alert",
+            "responses": "the responses the policy permitted",
+            "decisions": "response -> the policy's reason",
+        },
+    ),
+    EventType(
+        "gpu.alert_response",
+        "The control plane carried out a response the policy permitted for an alert.",
+        _SYSTEM,
+        {
+            "alert": "the alert's id",
+            "kind": "the alert kind",
+            "response": "notify, stop_server or revoke_lease",
+            "outcome": "done or failed",
+            "target": "what it acted on (webhook, server:USER/NAME, lease:ID (GPU N), ...)",
+            "error": "why it failed",
+        },
+        optional=frozenset({"error"}),
+    ),
+    EventType(
+        "gpu.handover.cleared",
+        "After a lease ended, the monitor saw no process of its holder on the GPU: it may "
+        "be leased again.",
+        _SYSTEM,
+        {
+            **_HANDOVER,
+            "ecc_mode": "whether ECC was on (null: not reported)",
+            "checked": "what was checked",
+        },
+    ),
+    EventType(
+        "gpu.handover.held",
+        "After a lease ended, processes of its holder still ran on the GPU: it is held back.",
+        _SYSTEM,
+        {**_HANDOVER, "reason": "the processes found"},
+    ),
+    EventType(
+        "gpu.handover.released_by_admin",
+        "An admin gave a GPU waiting for (or failing) its hand-over check back to its pool.",
+        "the admin",
+        {**_HANDOVER, "reason": "the last reason stored"},
+    ),
+    EventType(
+        "gpu.alert_acknowledged",
+        "An admin marked a GPU alert as seen.",
+        "the admin",
+        {"alert": "the alert's id"},
+    ),
     # -- datasets --
     EventType(
         "dataset.register",

@@ -36,6 +36,7 @@ from pydantic import (
     Strict,
     StringConstraints,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -48,6 +49,7 @@ __all__ = [
     "AuditConfig",
     "Expect",
     "GpuConfig",
+    "GpuMonitorConfig",
     "GpuPool",
     "HubConfig",
     "InvalidConfigError",
@@ -1341,6 +1343,133 @@ class EnvironmentsConfig(_Model):
     )
 
 
+class GpuMonitorConfig(_Model):
+    """``[gpu.monitor]``: the GPU activity monitor (sampling, attribution, metrics, alerts)."""
+
+    source: Literal["auto", "nvml", "replay", "off"] = Field(
+        default="auto",
+        description=(
+            "Where readings come from. `auto`: NVML when the driver and `nvidia-ml-py` work "
+            "on this machine, else no monitor; `nvml`: NVML, and the hub refuses to start "
+            "without it; `replay`: the trace file in `trace` (demos and tests); `off`: no "
+            'monitor. Default: `auto`. Example: `source = "nvml"`. Added in 0.5.'
+        ),
+    )
+    trace: str = Field(
+        default="",
+        description=(
+            'With `source = "replay"`: a `ztlab-nvml-trace/1` file, replayed from its start '
+            "whenever it changes. Default: empty. Example: "
+            '`trace = "/var/lib/ztlab/monitor/demo-trace.json"`. Added in 0.5.'
+        ),
+    )
+    interval_seconds: float = Field(
+        default=1.0,
+        ge=0.1,
+        le=60.0,
+        description=(
+            "Seconds between samples (0.1 to 60). Alerts fire within two intervals. "
+            "Default: `1.0`. Example: `interval_seconds = 2`. Added in 0.5."
+        ),
+    )
+    handover_checks: bool = Field(
+        default=True,
+        description=(
+            "Hold a GPU back after its lease ends until the monitor has seen no process of "
+            "the old holder on it (and recorded its ECC mode). Default: `true`. "
+            "Example: `handover_checks = false`. Added in 0.5."
+        ),
+    )
+    baseline_threshold: float = Field(
+        default=8.0,
+        ge=2.0,
+        le=100.0,
+        description=(
+            "How far above a user's own baseline (in robust standard deviations: median and "
+            "scaled MAD) utilization, power or transfer volume must be for a `baseline` alert. "
+            "Default: `8.0`. Example: `baseline_threshold = 10`. Added in 0.5."
+        ),
+    )
+    baseline_window_hours: float = Field(
+        default=24.0,
+        gt=0.0,
+        le=24.0 * 30,
+        description=(
+            "Hours of history a user's baseline covers. Default: `24`. "
+            "Example: `baseline_window_hours = 72`. Added in 0.5."
+        ),
+    )
+    idle_minutes: float = Field(
+        default=30.0,
+        gt=0.0,
+        description=(
+            "A server whose user has shown no activity for this long is idle: full GPU load "
+            "on it raises `idle_full_load`. Default: `30`. Example: `idle_minutes = 60`. "
+            "Added in 0.5."
+        ),
+    )
+    full_load_percent: int = Field(
+        default=90,
+        ge=1,
+        le=100,
+        description=(
+            "GPU utilization (percent) counted as full load. Default: `90`. "
+            "Example: `full_load_percent = 95`. Added in 0.5."
+        ),
+    )
+    ecc_sbe_threshold: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "New correctable (single-bit) ECC errors within an hour that raise `ecc_error` "
+            "(any new uncorrectable error always does). Default: `100`. "
+            "Example: `ecc_sbe_threshold = 1000`. Added in 0.5."
+        ),
+    )
+    miner_patterns: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Extra regular expressions matched (case-insensitively) against the process "
+            "name, command line and loaded libraries of every GPU process, on top of the "
+            "built-in miner signatures. Default: none. "
+            'Example: `miner_patterns = ["mysteryminer"]`. Added in 0.5.'
+        ),
+    )
+    notify_url: str = Field(
+        default="",
+        description=(
+            "An http(s) URL each alert is POSTed to as an Alertmanager-style webhook "
+            "(admins also see alerts on the hub's page /hub/ztlab/monitor and with "
+            "`ztlab monitor alerts`). "
+            'Default: none. Example: `notify_url = "https://alerts.example.org/ztlab"`. '
+            "Added in 0.5."
+        ),
+    )
+
+    @field_validator("miner_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from exc
+        return patterns
+
+    @field_validator("notify_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if url and not re.match(r"https?://[^/\s]+", url):
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return url
+
+    @model_validator(mode="after")
+    def _trace_for_replay(self) -> GpuMonitorConfig:
+        if self.source == "replay" and not self.trace:
+            raise ValueError('source = "replay" needs trace = "PATH" (a ztlab-nvml-trace/1 file)')
+        return self
+
+
 class GpuConfig(_Model):
     """``[gpu]``: GPU pools, and who hands out their GPUs."""
 
@@ -1359,6 +1488,10 @@ class GpuConfig(_Model):
             "GPU is handed out). Example: `[gpu.pools.research]` with "
             '`gpus = ["0", "1"]` and `roles = ["trainer"]`.'
         ),
+    )
+    monitor: GpuMonitorConfig = Field(
+        default_factory=GpuMonitorConfig,
+        description="The GPU activity monitor: attribution, metrics, alerts.",
     )
 
 

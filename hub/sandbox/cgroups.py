@@ -673,6 +673,19 @@ class UserCgroup:
 
         return join
 
+    def fence_devices(self, devices: Sequence[DeviceRule] = ()) -> None:
+        """Allow only :func:`base_device_rules` plus ``devices`` from now on (a revoked GPU
+        lease closes its device this way; file descriptors already open stay open, so the
+        caller also ends the processes holding them)."""
+        rules = _merge_rules(base_device_rules(), devices)
+        if self.version == "v2":
+            DeviceFence(cgroup_dir=self.dirs["unified"]).apply(rules)
+            return
+        path = self.dirs["devices"]
+        _write(path / "devices.deny", "a", what="deny all devices")
+        for rule in rules:
+            _write(path / "devices.allow", rule.v1_line(), what="allow a device")
+
     def procs(self) -> list[int]:
         """The processes (thread-group ids) in the cgroup, in any of its hierarchies."""
         pids: set[int] = set()

@@ -143,7 +143,7 @@ def test_check_with_a_policy_dir(tmp_path: Path) -> None:
 
 
 def test_validate_defaults() -> None:
-    assert run("validate") == (0, "35 policies, 14 actions, valid\n", "")
+    assert run("validate") == (0, "38 policies, 15 actions, valid\n", "")
 
 
 def test_validate_reports_the_broken_file(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 Every cell is written out: ``A:<id>`` allowed by that policy, ``F:<id>`` forbidden by
 that guardrail, ``D`` denied by default (no policy permits it).
+
+``respond_to_alert`` has its own table: its principal is an alert's subject (whose process
+or GPU it is), not a user asking to do something, so it is not among what a user may do.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from ztlab.common.errors import PolicyError
+from ztlab.hub.monitor import findings
 from ztlab.hub.policy import Decision, PolicyEngine, Principal, _cedar, default_policy_files
 
 ROLES = ("admin", "data-steward", "trainer", "approver", "viewer", "", "auditor")
@@ -81,6 +86,40 @@ TABLE: dict[str, tuple[str, ...]] = {
 # fmt: on
 
 
+ALERT_KINDS = (
+    "unleased_process",
+    "outside_cgroup",
+    "miner",
+    "baseline",
+    "idle_full_load",
+    "xid_error",
+    "ecc_error",
+    "handover_dirty",
+)
+ALERT_RESPONSES = ("notify", "stop_server", "revoke_lease")
+NOTIFY = "A:alert-notify"
+STOP = "A:alert-stop-intruder"
+REVOKE = "A:alert-revoke-broken-lease"
+
+# alert kind -> the expected cell of (notify, stop_server, revoke_lease), the same for every
+# subject's roles (the no-role column is the ztlab-unattributed principal)
+ALERT_TABLE: dict[str, tuple[str, str, str]] = {
+    "unleased_process": (NOTIFY, STOP, REVOKE),
+    "outside_cgroup": (NOTIFY, D, REVOKE),
+    "miner": (NOTIFY, STOP, REVOKE),
+    "baseline": (NOTIFY, D, D),
+    "idle_full_load": (NOTIFY, D, D),
+    "xid_error": (NOTIFY, D, D),
+    "ecc_error": (NOTIFY, D, D),
+    "handover_dirty": (NOTIFY, D, D),
+}
+
+
+def _alert_request(kind: str, response: str) -> tuple[str, str, dict[str, Any]]:
+    context = {"response": response, "severity": "critical", "pool": "research"}
+    return "respond_to_alert", f"alert:{kind}", context
+
+
 @pytest.fixture(scope="module")
 def engine() -> PolicyEngine:
     return PolicyEngine.defaults()
@@ -114,11 +153,55 @@ def _assert_cell(decision: Decision, expected: str, where: str) -> None:
 
 
 def test_table_covers_every_action_and_every_policy(engine: PolicyEngine) -> None:
-    assert {action for action, _, _ in CASES.values()} == set(engine.actions)
+    assert {action for action, _, _ in CASES.values()} | {"respond_to_alert"} == set(engine.actions)
     assert set(TABLE) == set(CASES)
     assert all(len(row) == len(ROLES) for row in TABLE.values())
-    decisive = {cell.split(":", 1)[1] for row in TABLE.values() for cell in row if cell != D}
+    assert set(ALERT_TABLE) == set(ALERT_KINDS) == set(findings.ALERT_KINDS)
+    cells = [cell for row in TABLE.values() for cell in row]
+    cells += [cell for row in ALERT_TABLE.values() for cell in row]
+    decisive = {cell.split(":", 1)[1] for cell in cells if cell != D}
     assert decisive == set(engine.policy_ids)
+
+
+@pytest.mark.parametrize("kind", ALERT_KINDS)
+@pytest.mark.parametrize("column", range(len(ROLES)), ids=[r or "no-role" for r in ROLES])
+def test_default_alert_responses(engine: PolicyEngine, kind: str, column: int) -> None:
+    role = ROLES[column]
+    name = "alice" if role else "ztlab-unattributed"
+    for response, expected in zip(ALERT_RESPONSES, ALERT_TABLE[kind], strict=True):
+        decision = engine.authorize(_principal(role, name=name), *_alert_request(kind, response))
+        _assert_cell(decision, expected, f"{response} to {kind} for {role or 'no role'}")
+
+
+def test_an_admins_own_miner_is_stopped_too(engine: PolicyEngine) -> None:
+    """No role is spared a response: the subject of a miner alert is stopped, admin or not."""
+    for roles in (("admin",), ("admin", "trainer"), ("approver", "data-steward", "viewer")):
+        for response in ("stop_server", "revoke_lease"):
+            decision = engine.authorize(
+                _principal(*roles, name="root"), *_alert_request("miner", response)
+            )
+            assert decision.allowed, (roles, response)
+
+
+def test_alert_responses_need_a_response_and_only_known_context(engine: PolicyEngine) -> None:
+    with pytest.raises(PolicyError, match="context key 'response' \\(String\\) is required"):
+        engine.authorize(_principal("trainer"), "respond_to_alert", "alert:miner", {})
+    with pytest.raises(PolicyError, match="unknown context key 'gpus'"):
+        engine.authorize(
+            _principal("trainer"),
+            "respond_to_alert",
+            "alert:miner",
+            {"response": "notify", "gpus": 1},
+        )
+    with pytest.raises(PolicyError, match="applies to alert resources"):
+        engine.authorize(
+            _principal("trainer"), "respond_to_alert", "pool:research", {"response": "notify"}
+        )
+    # an unknown response is permitted by nothing
+    unknown = engine.authorize(
+        _principal("admin"), "respond_to_alert", "alert:miner", {"response": "reboot_host"}
+    )
+    assert (unknown.allowed, unknown.policy_id) == (False, None)
 
 
 @pytest.mark.parametrize("case", list(TABLE))
@@ -239,8 +322,13 @@ def test_decisions_match_the_unsliced_policy_set(engine: PolicyEngine) -> None:
         for combo in combinations(roles, size):
             principal = _principal(*combo)
             entities = engine._entities(principal.name, principal.roles)
-            for case in CASES:
-                action, resource, context = _request(case, "alice")
+            requests = [_request(case, "alice") for case in CASES]
+            requests += [
+                _alert_request(kind, response)
+                for kind in ALERT_KINDS
+                for response in ALERT_RESPONSES
+            ]
+            for action, resource, context in requests:
                 kind, _, name = resource.partition(":")
                 request = {
                     "principal": {"type": "Ztlab::User", "id": "alice"},
@@ -250,7 +338,7 @@ def test_decisions_match_the_unsliced_policy_set(engine: PolicyEngine) -> None:
                 }
                 full = _cedar.is_authorized(request, loaded.policy_set, entities)
                 sliced = engine.authorize(principal, action, resource, context)
-                assert (full.decision == "Allow") is sliced.allowed, (combo, case)
+                assert (full.decision == "Allow") is sliced.allowed, (combo, resource, context)
 
 
 def test_defaults_ship_one_file_per_role_and_the_schema() -> None:
@@ -264,6 +352,9 @@ def test_defaults_ship_one_file_per_role_and_the_schema() -> None:
         "approver.cedar",
         "viewer.cedar",
         "guardrails.cedar",
+        "monitor.cedar",
     }
     assert "forbid" in files["guardrails.cedar"]
     assert "forbid" not in files["trainer.cedar"]
+    # responses to alerts spare no role (a miner in an admin's server is still stopped)
+    assert "forbid (" not in files["monitor.cedar"]

@@ -64,7 +64,7 @@ def test_from_directory_uses_its_own_schema_or_the_shipped_one(tmp_path: Path) -
     only_policies = write(tmp_path / "a", {"gpu.cedar": GOOD})
     engine = PolicyEngine.from_directory(only_policies)
     assert engine.policy_ids == ("trainer-lease-gpu",)
-    assert len(engine.actions) == 14
+    assert len(engine.actions) == 15
     assert engine.authorize(trainer(), "lease_gpu", "pool:research").allowed
     assert not engine.authorize(trainer(), "join_pool", "pool:research").allowed
 
@@ -80,7 +80,7 @@ def test_from_directory_uses_its_own_schema_or_the_shipped_one(tmp_path: Path) -
 
 
 def test_defaults_load_and_validate(engine: PolicyEngine) -> None:
-    assert len(engine.policy_ids) == len(set(engine.policy_ids)) == 35
+    assert len(engine.policy_ids) == len(set(engine.policy_ids)) == 38
     assert engine.resource_kinds("lease_gpu") == ("pool",)
     assert engine.resource_kinds("spawn_server") == ("server",)
     assert engine.policy_reason("two-person-rule").startswith("a model version is approved")
