@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ztlab.cli.model:model_group",
         "Sign and verify model directories (model-signing format).",
     ),
+    "monitor": (
+        "ztlab.cli.monitor:monitor_group",
+        "GPU alerts, usage and hand-overs; scrape config; traces.",
+    ),
     "packages": (
         "ztlab.cli.packages:packages_group",
         "Ask for packages; decide requests (admins).",

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyterhub import orm
 from jupyterhub.app import JupyterHub
@@ -43,10 +44,15 @@ from ztlab.hub.proxy.egress import EgressMeter
 from ztlab.hub.proxy.enforce import Enforcer
 from ztlab.hub.settings import jupyterhub_settings
 
+if TYPE_CHECKING:
+    from ztlab.hub.monitor.findings import Holder
+
 #: how often, in seconds, the hub checks that the plane's service processes still run
 SERVICE_CHECK_SECONDS = 10
 #: seconds between sweeps of the pools' clusters (lifetime, lost role or session, renewal)
 CLUSTER_SWEEP_SECONDS = 10
+#: seconds between updates of the GPU monitor's view of users (accounts, activity, roles)
+MONITOR_DIRECTORY_SECONDS = 5
 #: how often, in seconds, the enforcement point records what it let through
 ACCESS_SUMMARY_SECONDS = 60
 #: how often, in seconds, the egress accounting reads the proxy's access log
@@ -155,6 +161,8 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
             sweep = PeriodicCallback(self.sweep_clusters, CLUSTER_SWEEP_SECONDS * 1000)
             self._periodic_callbacks["ztlab-clusters"] = sweep
             sweep.start()
+        if plane.monitor is not None:
+            await self.start_monitor(plane)
         assert self.enforcer is not None  # made by init_handlers
         summary = PeriodicCallback(self.enforcer.flush_summary, ACCESS_SUMMARY_SECONDS * 1000)
         self._periodic_callbacks["ztlab-access-summary"] = summary
@@ -244,6 +252,66 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
             self.log.exception("sweeping the pools' clusters failed")
         if plane.clusters.relays is not None:
             await plane.clusters.relays.sync(plane.clusters.store.active())
+
+    async def start_monitor(self, plane: ControlPlane) -> None:
+        """Tell the GPU monitor who is who and how to stop a server, then start its sampler."""
+        monitor = plane.monitor
+        assert monitor is not None
+        loop = asyncio.get_running_loop()
+
+        def stop_holder(holder: Holder) -> None:  # called from the sampler thread
+            reason = "stopped by the GPU monitor"
+            if holder.kind == "cluster" and plane.clusters is not None:
+                record = plane.clusters.store.get(holder.server.removeprefix("cluster-"))
+                if record is not None:
+                    plane.clusters.stop(record, actor=SYSTEM_ACTOR, reason=reason)
+                return
+            if holder.kind != "server":
+                raise RuntimeError(f"cannot stop a {holder.kind} from the monitor")
+            done = asyncio.run_coroutine_threadsafe(
+                self.stop_user_server(holder.user, holder.server), loop
+            )
+            done.result(timeout=60)
+
+        monitor.stop_holder = stop_holder
+        await self.refresh_monitor()
+        refresh = PeriodicCallback(self.refresh_monitor, MONITOR_DIRECTORY_SECONDS * 1000)
+        self._periodic_callbacks["ztlab-monitor"] = refresh
+        refresh.start()
+        monitor.start()
+
+    async def stop_user_server(self, name: str, server: str) -> None:
+        """Stop ``name``'s server ``server`` (``""``: the default one), if it runs."""
+        user = self.users.get(name)
+        if user is None or server not in user.spawners or not user.spawners[server].active:
+            return
+        await user.stop(server)
+
+    async def refresh_monitor(self) -> None:
+        """Give the monitor the hub's accounts, last activity and roles (see set_directory)."""
+        from ztlab.hub.identity import granted_roles
+
+        plane = self.control_plane
+        assert plane is not None
+        assert plane.monitor is not None
+        accounts: dict[str, str] = {}
+        activity: dict[tuple[str, str], float | None] = {}
+        roles: dict[str, frozenset[str]] = {}
+        for orm_user in self.db.query(orm.User):
+            user = self.users[orm_user]
+            account = getattr(user.spawner, "account", None)
+            if isinstance(account, str):
+                accounts[account] = user.name
+            for name, spawner in user.spawners.items():
+                if not spawner.active:
+                    continue
+                last = spawner.orm_spawner.last_activity
+                activity[(user.name, name)] = (
+                    last.replace(tzinfo=datetime.UTC).timestamp() if last else None
+                )
+                if user.name not in roles:
+                    roles[user.name] = granted_roles(await user.get_auth_state() or {})
+        plane.monitor.set_directory(accounts=accounts, activity=activity, roles=roles)
 
     def _poll_egress(self) -> None:
         if self.egress is not None:

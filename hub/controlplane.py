@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from ztlab.hub.gpu.inventory import Inventory
     from ztlab.hub.models.server import ModelServer
     from ztlab.hub.models.service import ModelService
+    from ztlab.hub.monitor.service import GpuMonitor
     from ztlab.hub.packages import PackageMirror, PackageRequests
     from ztlab.hub.sandbox.cgroups import CgroupManager
     from ztlab.hub.sandbox.netns import NetworkSegments
@@ -106,6 +107,7 @@ class ControlPlane:
         mirror: PackageMirror | None = None,
         package_requests: PackageRequests | None = None,
         clusters: ClusterService | None = None,
+        monitor: GpuMonitor | None = None,
     ) -> None:
         """Use :meth:`open`; this takes services that are already open."""
         self.config = config
@@ -122,6 +124,7 @@ class ControlPlane:
         self.mirror = mirror
         self.package_requests = package_requests
         self.clusters = clusters
+        self.monitor = monitor
         #: the sink every service records through (catalogued events only)
         self.events = CataloguedSink(audit)
         self._closed = False
@@ -187,6 +190,9 @@ class ControlPlane:
                 clusters.environments = environments
             if clusters is not None:
                 opened.append(clusters)
+            monitor = _monitor(config, policy, events, sandbox, inventory, leases)
+            if monitor is not None:
+                opened.append(monitor)
         except BaseException:
             for service in reversed(opened):
                 service.close()
@@ -206,6 +212,7 @@ class ControlPlane:
             mirror=mirror,
             package_requests=package_requests,
             clusters=clusters,
+            monitor=monitor,
         )
         plane.record(
             SYSTEM_ACTOR,
@@ -231,6 +238,8 @@ class ControlPlane:
             names += ["packages", "environments"]
         if self.clusters is not None:
             names.append("clusters")
+        if self.monitor is not None:
+            names.append("gpu-monitor")
         return names
 
     # -- auditing ------------------------------------------------------------------------
@@ -322,6 +331,8 @@ class ControlPlane:
             return
         self._closed = True
         try:
+            if self.monitor is not None:
+                self.monitor.close()
             if self.model_server is not None:
                 self.model_server.stop()
             if self.mirror is not None:
@@ -435,6 +446,39 @@ def _clusters(
     return ClusterService(
         config, policy=policy, record=record, leases=leases, inventory=inventory, backend=backend
     )
+
+
+def _monitor(
+    config: ZtlabConfig,
+    policy: PolicyEngine,
+    events: CataloguedSink,
+    sandbox: Sandboxing | None,
+    inventory: Inventory | None,
+    leases: LeaseBackend | None,
+) -> GpuMonitor | None:
+    """The GPU monitor, where ``[gpu.monitor] source`` gives readings (see ``open_source``)."""
+    from ztlab.hub.monitor.service import GpuMonitor, open_source
+
+    source = open_source(config)
+    if source is None:
+        return None
+
+    def record(actor: str, action: str, **detail: Any) -> None:
+        events.record(actor=actor, action=action, detail=detail)
+
+    try:
+        return GpuMonitor.open(
+            config,
+            source=source,
+            policy=policy,
+            record=record,
+            inventory=inventory,
+            leases=leases,
+            cgroups=sandbox.cgroups if sandbox is not None else None,
+        )
+    except BaseException:
+        source.close()
+        raise
 
 
 def _sandboxing(config: ZtlabConfig) -> Sandboxing:

@@ -25,6 +25,7 @@ from traitlets.config import Config
 
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ConfigError
+from ztlab.hub.api.monitor import METRICS_SCOPE
 from ztlab.hub.controlplane import ControlPlane
 from ztlab.hub.identity import DATA_SCOPE, SERVER_TOKEN_SCOPES, rbac_roles
 from ztlab.hub.private import state_directory, state_file
@@ -51,7 +52,12 @@ def jupyterhub_settings(plane: ControlPlane, *, source: str = "ztlab.toml") -> C
     _sessions(c, config)
     _login(c, config, source)
     roles = rbac_roles(sorted(config.roles))
-    c.JupyterHub.services, extra_roles = _services(config)
+    services, extra_roles = _services(config)
+    if plane.monitor is not None:
+        scraper, scraper_role = _metrics_scraper(config)
+        services.append(scraper)
+        extra_roles.append(scraper_role)
+    c.JupyterHub.services = services
     c.JupyterHub.load_roles = roles + extra_roles
     _servers(c, plane)
     return c
@@ -146,7 +152,8 @@ def _login(c: Config, config: ZtlabConfig, source: str) -> None:
     auth.username_claim = login.username_claim
     auth.validate_server_cert = login.validate_provider_certificate
     c.JupyterHub.custom_scopes = {
-        DATA_SCOPE: {"description": "Use the zerotrust-lab API (each action is a policy decision)"}
+        DATA_SCOPE: {"description": "Use the zerotrust-lab API (each action is a policy decision)"},
+        METRICS_SCOPE: {"description": "Read the GPU monitor's Prometheus metrics"},
     }
 
 
@@ -184,6 +191,26 @@ def _services(config: ZtlabConfig) -> tuple[list[dict[str, Any]], list[dict[str,
         "services": ["idle-culler"],
     }
     return [culler], [role]
+
+
+def scrape_token_path(config: ZtlabConfig) -> Path:
+    """The ``gpu-metrics`` service's API token, for Prometheus (0600, control plane only)."""
+    return config.state_dir / "monitor" / "scrape-token"
+
+
+def _metrics_scraper(config: ZtlabConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``gpu-metrics`` service (no process: Prometheus uses its token to scrape
+    ``/hub/api/ztlab/metrics``) and its role, which holds only the metrics scope."""
+    state_directory(config.state_dir / "monitor")
+    path = state_file(scrape_token_path(config), content=secrets.token_hex(32).encode())
+    service = {"name": "gpu-metrics", "api_token": path.read_text(encoding="ascii").strip()}
+    role = {
+        "name": "gpu-metrics-scraper",
+        "description": "Read the GPU monitor's Prometheus metrics",
+        "scopes": [METRICS_SCOPE],
+        "services": ["gpu-metrics"],
+    }
+    return service, role
 
 
 def _servers(c: Config, plane: ControlPlane) -> None:

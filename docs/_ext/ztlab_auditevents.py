@@ -26,7 +26,7 @@ _SECTIONS = {
     "account": "Servers",
     "server": "Servers",
     "proxy": "The enforcement point",
-    "gpu": "GPU leases",
+    "gpu": "GPU leases and the GPU monitor",
     "dataset": "Datasets",
     "model": "Models",
     "package": "Packages",

@@ -16,12 +16,19 @@ from typing import Any
 from ztlab.hub.api.datasets import dataset_handlers
 from ztlab.hub.api.environments import environment_handlers
 from ztlab.hub.api.models import model_handlers
+from ztlab.hub.api.monitor import monitor_handlers
 from ztlab.hub.api.pools import pool_handlers
 
 
 def api_handlers() -> list[tuple[str, Any]]:
     """Every API handler, relative to the hub prefix (``/hub``)."""
-    return [*dataset_handlers(), *model_handlers(), *environment_handlers(), *pool_handlers()]
+    return [
+        *dataset_handlers(),
+        *model_handlers(),
+        *environment_handlers(),
+        *pool_handlers(),
+        *monitor_handlers(),
+    ]
 
 
 __all__ = ["api_handlers"]
