@@ -10,7 +10,19 @@ import time
 
 from bench._table import Row, render
 
-SUITES = ["policy", "audit", "login", "spawn", "proxy", "cli", "data", "model", "packages", "pools"]
+SUITES = [
+    "policy",
+    "audit",
+    "login",
+    "spawn",
+    "proxy",
+    "cli",
+    "data",
+    "model",
+    "packages",
+    "pools",
+    "monitor",
+]
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ normal training raises nothing; miner signatures do not flag ordinary ML process
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
@@ -18,6 +17,7 @@ from ztlab.common.errors import ConfigError
 from ztlab.dev import gputraces
 from ztlab.dev.gputraces import START, Scenario
 from ztlab.hub.gpu.nvml import ReplayedNvml
+from ztlab.hub.monitor.attribution import Attributor
 from ztlab.hub.monitor.detectors import Detectors, Tick, match_miner
 from ztlab.hub.monitor.findings import ALERT_KINDS, Alert, AttributedProcess, Holder, LeaseHold
 from ztlab.hub.monitor.sources import ReplayedTelemetry
@@ -25,30 +25,14 @@ from ztlab.hub.monitor.telemetry import DeviceReading, ProcessFacts, ProcessRead
 
 UUID = "GPU-00000000-0000-0000-0000-000000000000"
 UUID1 = "GPU-11111111-1111-1111-1111-111111111111"
-_CLUSTER = re.compile(r"(?P<account>.+)-(?P<id>[0-9a-f]{16})-(?P<part>s|[0-9]+)\Z")
 
 
-# --- attribution as the lead's code does it, reduced to what the scenarios use -----------
+# --- attribution: the monitor's own (cgroup -> holder), with the scenario's accounts ----------
 
 
 def holder_of(facts: ProcessFacts | None, accounts: Mapping[str, str]) -> Holder | None:
-    """The holder a ``/ztlab/NAME`` cgroup names (server or cluster), else ``None``."""
-    if facts is None or facts.cgroup is None or not facts.cgroup.startswith("/ztlab/"):
-        return None
-    name = facts.cgroup.removeprefix("/ztlab/")
-    if name in accounts:
-        return Holder(user=accounts[name], server="", kind="server", account=name, cgroup=name)
-    match = _CLUSTER.match(name)
-    if match is not None and match["account"] in accounts:
-        account = match["account"]
-        return Holder(
-            user=accounts[account],
-            server=f"cluster-{match['id']}",
-            kind="cluster",
-            account=account,
-            cgroup=name,
-        )
-    return None
+    """The holder the process's ztlab cgroup names, as the monitor attributes it."""
+    return Attributor(accounts=lambda: accounts, facts=lambda pid: None).holder(facts, accounts)
 
 
 def scenario_ticks(scenario: Scenario) -> Iterator[Tick]:
