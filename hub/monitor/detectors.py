@@ -282,7 +282,7 @@ def _printable(text: str) -> str:
 def _command(facts: ProcessFacts | None) -> str:
     """A process's command for a message (shortened, printable), or what is known of it."""
     if facts is None:
-        return "(gone before it was read)"
+        return "gone before it was read"
     text = _printable(" ".join(facts.cmdline) or facts.comm)
     return text if len(text) <= _COMMAND_CHARS else text[: _COMMAND_CHARS - 1] + "…"
 

@@ -105,7 +105,7 @@ REVOKE = "A:alert-revoke-broken-lease"
 # subject's roles (the no-role column is the ztlab-unattributed principal)
 ALERT_TABLE: dict[str, tuple[str, str, str]] = {
     "unleased_process": (NOTIFY, STOP, REVOKE),
-    "outside_cgroup": (NOTIFY, D, REVOKE),
+    "outside_cgroup": (NOTIFY, D, D),
     "miner": (NOTIFY, STOP, REVOKE),
     "baseline": (NOTIFY, D, D),
     "idle_full_load": (NOTIFY, D, D),
