@@ -38,6 +38,7 @@ from traitlets.config import Config
 
 from ztlab.common.config import load_config
 from ztlab.common.config.model import RoleConfig
+from ztlab.common.errors import UsageError
 from ztlab.hub.controlplane import SETTINGS_KEY, SYSTEM_ACTOR, ControlPlane, KnownUser
 from ztlab.hub.private import state_directory
 from ztlab.hub.proxy.egress import EgressMeter
@@ -281,10 +282,15 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
         monitor.start()
 
     async def stop_user_server(self, name: str, server: str) -> None:
-        """Stop ``name``'s server ``server`` (``""``: the default one), if it runs."""
-        user = self.users.get(name)
-        if user is None or server not in user.spawners or not user.spawners[server].active:
-            return
+        """Stop ``name``'s server ``server`` (``""``: the default one); :class:`UsageError`
+        when it is not running (the response is then recorded as failed, not as done)."""
+        try:
+            user = self.users[name]  # UserDict looks names up in the database
+        except KeyError:
+            raise UsageError(f"there is no hub user {name!r}") from None
+        if server not in user.orm_spawners or not user.spawners[server].active:
+            shown = f"server {server!r}" if server else "default server"
+            raise UsageError(f"{name}'s {shown} is not running")
         await user.stop(server)
 
     async def refresh_monitor(self) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 
 from traitlets import Float, Integer, default
 
+from ztlab.hub.controlplane import SYSTEM_ACTOR
 from ztlab.hub.environments.build import KERNEL_PREFIX
 from ztlab.hub.policy import Principal
 from ztlab.hub.spawner.dedicated import DedicatedUserSpawner, SpawnFailed, mlflow_env
@@ -169,7 +170,7 @@ class SandboxSpawner(DedicatedUserSpawner):
             async with self.stage("start"):
                 address = await self.start_server(launch)
         except BaseException:
-            await asyncio.to_thread(self._end, reason="start failed")
+            await asyncio.to_thread(self._end, reason="server start failed")
             raise
         self.started_at = time.time()
         self.max_hours = self.lifetime_hours(roles)
@@ -357,8 +358,11 @@ class SandboxSpawner(DedicatedUserSpawner):
 
     async def poll(self) -> int | None:
         """Alive, or ended: a server past its lease or its role's lifetime is stopped here."""
+        started = self.started_at  # (the parent's poll clears the state of an ended server)
         status = await super().poll()
         if status is not None:
+            if started:  # it ended on its own: nothing of it may stay behind
+                await self._ended(f"ended without a stop (exit status {status})")
             return int(status)
         if self.started_at and time.time() - self.started_at > self.max_hours * 3600:
             self.record("server.lifetime_ended", hours=self.max_hours)
@@ -394,13 +398,29 @@ class SandboxSpawner(DedicatedUserSpawner):
         self.clear_state()
         await self.plane.flush()
 
-    def _end(self, *, reason: str) -> list[Any]:
+    async def _ended(self, reason: str) -> None:
+        """The server's process is gone without a stop (killed, crashed): end its sandbox
+        (a process it left, such as the server under bubblewrap, would otherwise run on
+        unseen, since JupyterHub calls :meth:`stop` only on servers that still run) and
+        release its leases."""
+        released = await asyncio.to_thread(self._end, reason=f"server {reason}", actor=SYSTEM_ACTOR)
+        self.record(
+            "server.stopped",
+            server=self.name or "",
+            leases_released=[lease.id for lease in released],
+            reason=reason,
+        )
+        self.clear_state()
+        await self.plane.flush()
+
+    def _end(self, *, reason: str, actor: str | None = None) -> list[Any]:
         """Kill the sandbox's processes and release the server's leases (a thread); the
-        default server's end also ends the user's clusters (their session in the lab)."""
+        default server's end also ends the user's clusters (their session in the lab).
+        ``actor``: who ends it (default: the user)."""
         clusters = self.plane.clusters
         if clusters is not None and not self.name:
             clusters.stop_owner(
-                self.user.name, actor=self.user.name, reason=f"the owner's server {reason}"
+                self.user.name, actor=actor or self.user.name, reason=f"the owner's {reason}"
             )
         sandbox = self.plane.sandbox
         if sandbox is not None:

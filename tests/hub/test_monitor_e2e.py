@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from ztlab.hub.sandbox.cgroups import CgroupManager
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
-USERS = ("mona", "nils", "ada")
+USERS = ("mona", "nils", "olga", "ada")
 GPU0 = "GPU-00000000-0000-4000-8000-000000000000"
 GPU1 = "GPU-11111111-1111-4111-8111-111111111111"
 INTERVAL = 0.5
@@ -136,6 +137,7 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitorStack
                 extra_users={
                     "mona": provider_user("mona", "ml-trainers"),
                     "nils": provider_user("nils", "ml-trainers"),
+                    "olga": provider_user("olga", "ml-trainers"),
                     "ada": provider_user("ada", "ztlab-admins"),
                 },
                 pool="10.233.0.0/16",
@@ -243,6 +245,7 @@ def test_an_unleased_process_stops_the_server_as_the_policy_says(
         return not (model.get("servers") or {})
 
     m.wait("his server stopped", stopped, timeout=60)
+    assert [r for r in m.records("server.stopped", since) if r["actor"] == "nils"]
     m.replay({})  # NVML lists no process that has ended
     done = m.wait(
         "the stop_server response recorded",
@@ -282,6 +285,76 @@ def test_a_process_outside_every_sandbox_is_an_alert(monitored: MonitorStack) ->
     assert not alert.get("user")
     assert "stop_server" not in alert["responses"]
     m.replay({})
+
+
+def test_a_miner_in_a_sandbox_ends_the_server_and_nothing_of_it_stays(
+    monitored: MonitorStack,
+) -> None:
+    m = monitored
+    _start_with_gpu(m, "olga")
+    since = m.stack.audit_size()
+    pids = server_pids("olga")
+    lease = [r for r in m.records("gpu.lease.granted") if r.get("user") == "olga"][-1]
+    gpu = GPU0 if lease["gpus"][0] == "0" else GPU1
+    miner = {
+        "pid": 999_999,  # a synthetic process that says it runs in her sandbox
+        "used_memory": 2 << 30,
+        "sm": 97,
+        "proc": {
+            "uid": 0,
+            "comm": "xmrig",
+            "cmdline": ["./xmrig", "-o", "stratum+tcp://pool.example:3333"],
+            "cgroup": "/ztlab/ztl-olga",
+            "libraries": ["libxmrig-cuda.so"],
+        },
+    }
+    # her server's own processes are on her GPU too: revoking the lease ends them
+    m.replay({gpu: [*({"pid": pid, "used_memory": 1 << 30} for pid in pids), miner]})
+    alert = m.wait(
+        "the miner alert",
+        lambda: [a for a in m.records("gpu.alert", since) if a["kind"] == "miner"],
+    )[0]
+    assert alert["user"] == "olga"
+    assert alert["responses"] == ["notify", "stop_server", "revoke_lease"]
+    outcomes = m.wait(
+        "the responses carried out",
+        lambda: (
+            {
+                r["response"]: r["outcome"]
+                for r in m.records("gpu.alert_response", since)
+                if r["alert"] == alert["alert"]
+            }
+            if len(
+                [r for r in m.records("gpu.alert_response", since) if r["alert"] == alert["alert"]]
+            )
+            == 3
+            else None
+        ),
+    )
+    assert outcomes == {"notify": "done", "stop_server": "done", "revoke_lease": "done"}
+    m.replay({})
+    # the hub stopped her server: nothing runs in her sandbox, her lease is gone
+    m.wait("her sandbox empty", lambda: not server_pids("olga"), timeout=30)
+    assert [r for r in m.records("server.stopped", since) if r["actor"] == "olga"]
+    assert [r for r in m.records("gpu.lease.released", since) if r.get("user") == "olga"]
+
+
+def test_a_server_whose_process_was_killed_leaves_nothing_behind(
+    monitored: MonitorStack,
+) -> None:
+    m = monitored
+    _start_with_gpu(m, "olga")
+    since = m.stack.audit_size()
+    before = server_pids("olga")
+    os.kill(before[0], signal.SIGKILL)  # the spawner's process (bubblewrap), not a stop
+    # the hub's poll finds it gone and ends the sandbox it leaves behind
+    m.wait("her sandbox empty", lambda: not server_pids("olga"), timeout=45)
+    stopped = m.wait(
+        "server.stopped",
+        lambda: [r for r in m.records("server.stopped", since) if r["actor"] == "olga"],
+    )
+    assert stopped[0]["reason"] == "ended without a stop (exit status -9)"
+    assert stopped[0]["leases_released"]
 
 
 def test_ztlab_monitor_commands(monitored: MonitorStack, tmp_path: Path) -> None:

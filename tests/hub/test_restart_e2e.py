@@ -360,9 +360,13 @@ def test_what_a_crash_leaves_is_mended_at_the_next_start(
     assert reconciled.detail["sandboxes_stopped"] == ["ztl-tom"]
     assert reconciled.detail["running"] == ["rita/"]
     # sam's cluster ended with his server: stopped at the restart, its processes gone
+    # (the hub finds his server's process gone as it starts, and ends what it left)
     ended = stack.wait_record("pool.cluster_stopped", actor="ztlab-hub", since=since)
     assert ended.detail["owner"] == "sam"
-    assert ended.detail["reason"] == "the owner's session ended"
+    assert ended.detail["reason"] == "the owner's server ended without a stop (exit status 0)"
+    assert stack.wait_record("server.stopped", actor="sam", since=since).detail["reason"] == (
+        "ended without a stop (exit status 0)"
+    )
     assert not [n for n in cgroups.names() if n.startswith(f"ztl-sam-{ended.detail['cluster']}")]
     released = stack.wait_record("gpu.lease.released", actor="ztlab-hub", since=since)
     assert released.detail["reason"] == "reconciled"
