@@ -183,19 +183,29 @@ def scrape_config_command(config_path: Path) -> None:
 @click.option("--description", default="", help="Free text stored in the trace.")
 @handle_errors
 def record_trace_command(output: Path, samples: int, interval: float, description: str) -> None:
-    """Sample this machine's GPUs SAMPLES times into OUTPUT (format ztlab-nvml-trace/1)."""
-    from ztlab.hub.gpu.nvml import RealNvml, record_trace
+    """Sample this machine's GPUs SAMPLES times into OUTPUT (format ztlab-nvml-trace/1):
+    everything the monitor reads, and each GPU process's account, command line and cgroup
+    from /proc, so that the trace replays with its attribution elsewhere (it names users'
+    accounts and commands: keep it where the audit log is kept)."""
+    import time
+
+    from ztlab.hub.gpu.nvml import RealNvml
+    from ztlab.hub.monitor.procfacts import ProcessFactsCache
+    from ztlab.hub.monitor.sources import record_telemetry
 
     with RealNvml() as nvml, click.progressbar(length=samples, label="recording") as bar:
 
         def sleep(seconds: float) -> None:
-            import time
-
             time.sleep(seconds)
             bar.update(1)
 
-        trace = record_trace(
-            nvml, samples=samples, interval=interval, description=description, sleep=sleep
+        trace = record_telemetry(
+            nvml,
+            samples=samples,
+            interval=interval,
+            description=description,
+            facts=ProcessFactsCache().get,
+            sleep=sleep,
         )
         bar.update(1)
     output.write_text(json.dumps(trace, indent=1) + "\n", encoding="utf-8")

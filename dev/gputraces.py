@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ztlab.hub.monitor.findings import LeaseHold
+from ztlab.hub.monitor.sources import snapshot_json
 from ztlab.hub.monitor.telemetry import DeviceReading, ProcessFacts, ProcessReading, Reading
 
 __all__ = [
@@ -138,7 +139,7 @@ class Scenario:
         for number, reading in enumerate(self.readings()):
             if limit is not None and number >= limit:
                 break
-            snapshots.append(_snapshot_json(reading, self.start))
+            snapshots.append(snapshot_json(reading, self.start))
         return {
             "format": TRACE_FORMAT,
             "description": f"synthetic ({self.name}): {self.description}",
@@ -155,47 +156,6 @@ class Scenario:
             ],
             "snapshots": snapshots,
         }
-
-
-def _snapshot_json(reading: Reading, start: float) -> dict[str, Any]:
-    processes: dict[str, list[dict[str, Any]]] = {}
-    for process in reading.processes:
-        entry: dict[str, Any] = {"pid": process.pid, "used_memory": process.used_memory}
-        entry["sm"] = process.sm_util
-        facts = process.facts
-        if facts is not None:
-            entry["proc"] = {
-                "uid": facts.uid,
-                "comm": facts.comm,
-                "cmdline": list(facts.cmdline),
-                "cgroup": facts.cgroup,
-                "libraries": list(facts.libraries),
-            }
-        processes.setdefault(process.uuid, []).append(entry)
-    utilization = {}
-    devices: dict[str, dict[str, Any]] = {}
-    for device in reading.devices:
-        if device.gpu_util is not None and device.mem_util is not None:
-            utilization[device.uuid] = {"gpu": device.gpu_util, "memory": device.mem_util}
-        devices[device.uuid] = {
-            "fb_used": device.fb_used,
-            "power_w": device.power_w,
-            "energy_mj": device.energy_mj,
-            "pcie_tx": device.pcie_tx,
-            "pcie_rx": device.pcie_rx,
-            "temperature_c": device.temperature_c,
-            "sm_clock_mhz": device.sm_clock_mhz,
-            "xid": list(device.xid),
-            "ecc_mode": device.ecc_mode,
-            "ecc_sbe": device.ecc_sbe,
-            "ecc_dbe": device.ecc_dbe,
-        }
-    return {
-        "t": round(reading.t - start, 3),
-        "processes": processes,
-        "utilization": utilization,
-        "devices": devices,
-    }
 
 
 # --------------------------------------------------------------------------------------

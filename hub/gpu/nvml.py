@@ -94,6 +94,7 @@ __all__ = [
     "TraceProcessFacts",
     "TraceSnapshot",
     "Utilization",
+    "device_json",
     "discover",
     "normalize_uuid",
     "record_trace",
@@ -850,7 +851,8 @@ class ReplayedNvml:
 # --------------------------------------------------------------------------------------
 
 
-def _device_json(device: GpuDevice) -> dict[str, Any]:
+def device_json(device: GpuDevice) -> dict[str, Any]:
+    """A device as a trace's ``devices`` entry."""
     return {
         "index": device.index,
         "uuid": device.uuid,
@@ -953,6 +955,6 @@ def record_trace(
     trace: dict[str, Any] = {"format": TRACE_FORMAT}
     if description:
         trace["description"] = description
-    trace["devices"] = [_device_json(d) for d in devices]
+    trace["devices"] = [device_json(d) for d in devices]
     trace["snapshots"] = snapshots
     return trace

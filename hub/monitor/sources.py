@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from ztlab.common.errors import UsageError
 from ztlab.hub.gpu.nvml import (
+    TRACE_FORMAT,
     GpuDevice,
     GpuProcess,
     NvmlError,
@@ -36,6 +38,7 @@ from ztlab.hub.gpu.nvml import (
     TraceError,
     TraceProcessFacts,
     TraceSnapshot,
+    device_json,
     normalize_uuid,
 )
 from ztlab.hub.monitor.telemetry import DeviceReading, ProcessFacts, ProcessReading, Reading
@@ -47,6 +50,8 @@ __all__ = [
     "ReplayedTelemetry",
     "WatchedTrace",
     "process_facts",
+    "record_telemetry",
+    "snapshot_json",
     "snapshot_reading",
 ]
 
@@ -725,3 +730,105 @@ class NvmlTelemetry:
 
 def _enabled(nvml: Any) -> int:
     return int(getattr(nvml, "NVML_FEATURE_ENABLED", 1))
+
+
+# --------------------------------------------------------------------------------------
+# Recording readings as a trace
+# --------------------------------------------------------------------------------------
+
+
+def snapshot_json(reading: Reading, start: float) -> dict[str, Any]:
+    """``reading`` as a trace snapshot (``t`` relative to ``start``), with every telemetry
+    value and each process's SM use and facts that the reading has."""
+    processes: dict[str, list[dict[str, Any]]] = {}
+    for process in reading.processes:
+        entry: dict[str, Any] = {"pid": process.pid, "used_memory": process.used_memory}
+        entry["sm"] = process.sm_util
+        facts = process.facts
+        if facts is not None:
+            entry["proc"] = {
+                "uid": facts.uid,
+                "comm": facts.comm,
+                "cmdline": list(facts.cmdline),
+                "cgroup": facts.cgroup,
+                "libraries": list(facts.libraries),
+            }
+        processes.setdefault(process.uuid, []).append(entry)
+    utilization = {}
+    devices: dict[str, dict[str, Any]] = {}
+    for device in reading.devices:
+        if device.gpu_util is not None and device.mem_util is not None:
+            utilization[device.uuid] = {"gpu": device.gpu_util, "memory": device.mem_util}
+        devices[device.uuid] = {
+            "fb_used": device.fb_used,
+            "power_w": device.power_w,
+            "energy_mj": device.energy_mj,
+            "pcie_tx": device.pcie_tx,
+            "pcie_rx": device.pcie_rx,
+            "nvlink_tx": device.nvlink_tx,
+            "nvlink_rx": device.nvlink_rx,
+            "temperature_c": device.temperature_c,
+            "sm_clock_mhz": device.sm_clock_mhz,
+            "xid": list(device.xid),
+            "ecc_mode": device.ecc_mode,
+            "ecc_sbe": device.ecc_sbe,
+            "ecc_dbe": device.ecc_dbe,
+        }
+    return {
+        "t": round(reading.t - start, 3),
+        "processes": processes,
+        "utilization": utilization,
+        "devices": devices,
+    }
+
+
+def record_telemetry(
+    nvml: RealNvml,
+    *,
+    samples: int,
+    interval: float,
+    description: str = "",
+    facts: Callable[[int], ProcessFacts | None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Sample real NVML ``samples`` times, ``interval`` seconds apart, into a trace with
+    everything the monitor reads (telemetry, per-process SM use) and, with ``facts``
+    (e.g. a :class:`~ztlab.hub.monitor.procfacts.ProcessFactsCache`'s ``get``), each
+    process's facts from ``/proc``, so that the trace replays with its attribution on a
+    machine where those PIDs do not exist."""
+    if samples < 1:
+        raise UsageError(f"samples must be at least 1, got {samples}")
+    source = NvmlTelemetry(nvml)
+    try:
+        devices = [device_json(device) for device in nvml.devices()]
+        snapshots: list[dict[str, Any]] = []
+        start: float | None = None
+        for sample in range(samples):
+            if sample:
+                sleep(interval)
+            reading = source.read()
+            if facts is not None:
+                reading = Reading(
+                    t=reading.t,
+                    devices=reading.devices,
+                    processes=tuple(
+                        ProcessReading(
+                            pid=p.pid,
+                            uuid=p.uuid,
+                            used_memory=p.used_memory,
+                            sm_util=p.sm_util,
+                            facts=facts(p.pid),
+                        )
+                        for p in reading.processes
+                    ),
+                )
+            start = reading.t if start is None else start
+            snapshots.append(snapshot_json(reading, start))
+    finally:
+        source.close()
+    trace: dict[str, Any] = {"format": TRACE_FORMAT}
+    if description:
+        trace["description"] = description
+    trace["devices"] = devices
+    trace["snapshots"] = snapshots
+    return trace

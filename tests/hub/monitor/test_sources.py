@@ -26,6 +26,7 @@ from tests.hub.gpu.test_inventory import (
     MiB,
     fake_pynvml,
 )
+from ztlab.common.errors import UsageError
 from ztlab.hub.gpu.nvml import (
     DeviceTelemetry,
     GpuProcess,
@@ -40,6 +41,7 @@ from ztlab.hub.monitor.sources import (
     NvmlTelemetry,
     ReplayedTelemetry,
     WatchedTrace,
+    record_telemetry,
     snapshot_reading,
 )
 from ztlab.hub.monitor.telemetry import DeviceReading, ProcessFacts, ProcessReading, Reading
@@ -774,3 +776,41 @@ def test_a_device_whose_processes_cannot_be_listed_does_not_blind_the_others(
     fake.state.failing.clear()  # type: ignore[attr-defined]
     assert 10455 in [p.pid for p in source.read().processes]
     source.close()
+
+
+def test_record_telemetry_keeps_what_the_monitor_reads_with_process_facts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    install(monkeypatch, consistent_trace())
+    seen: list[int] = []
+
+    def facts(pid: int) -> ProcessFacts:
+        seen.append(pid)
+        return ProcessFacts(
+            pid=pid, uid=1001, comm="python", cmdline=("python", "train.py"),
+            cgroup="/ztlab/ztl-alice", libraries=("libcuda.so.1",),
+        )  # fmt: skip
+
+    with RealNvml() as nvml:
+        recorded = record_telemetry(
+            nvml, samples=3, interval=1.0, description="fake", facts=facts, sleep=lambda s: None
+        )
+        with NvmlTelemetry(nvml, clock=lambda: 0.0) as live:
+            direct = live.read()
+    assert recorded["description"] == "fake"
+    assert len(recorded["snapshots"]) == 3
+    assert seen, "process facts were asked for"
+    # the recording replays: the same devices, telemetry and processes, with their facts
+    replayed = ReplayedTelemetry(ReplayedNvml.from_dict(recorded), clock=lambda: 0.0).read()
+    fields = ("uuid", "gpu_util", "fb_used", "power_w", "energy_mj", "pcie_tx", "ecc_mode")
+    assert [[getattr(d, f) for f in fields] for d in replayed.devices] == [
+        [getattr(d, f) for f in fields] for d in direct.devices
+    ]
+    assert [(p.pid, p.uuid) for p in replayed.processes] == [
+        (p.pid, p.uuid) for p in direct.processes
+    ]
+    assert all(
+        p.facts is not None and p.facts.cgroup == "/ztlab/ztl-alice" for p in replayed.processes
+    )
+    with pytest.raises(UsageError, match="at least 1"):
+        record_telemetry(nvml, samples=0, interval=1.0)
