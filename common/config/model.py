@@ -1399,6 +1399,26 @@ class GpuMonitorConfig(_Model):
             "Example: `baseline_window_hours = 72`. Added in 0.5."
         ),
     )
+    baseline_min_hours: float = Field(
+        default=2.0,
+        gt=0.0,
+        le=24.0 * 30,
+        description=(
+            "Hours of a user's own history before their baseline is used; until then the "
+            "baseline pooled over all users applies. Default: `2`. "
+            "Example: `baseline_min_hours = 8`. Added in 0.5."
+        ),
+    )
+    full_load_seconds: float = Field(
+        default=60.0,
+        ge=1.0,
+        le=24.0 * 3600,
+        description=(
+            "How long full load must last on an idle user's server before "
+            "`idle_full_load` fires. Default: `60`. Example: `full_load_seconds = 300`. "
+            "Added in 0.5."
+        ),
+    )
     idle_minutes: float = Field(
         default=30.0,
         gt=0.0,

@@ -60,7 +60,6 @@ class MetricsHandler(_MonitorHandler):
     """Prometheus exposition (DCGM names plus per-user series)."""
 
     async def get(self) -> None:
-        monitor = self.monitor
         if self.current_user is None:
             raise web.HTTPError(403, "Missing or invalid credentials.")
         if METRICS_SCOPE not in getattr(self, "expanded_scopes", set()):
@@ -73,7 +72,7 @@ class MetricsHandler(_MonitorHandler):
             principal = await self.principal()  # a user token with the data scope
             if "admin" not in principal.roles:
                 raise web.HTTPError(403, refusal)
-        text = await asyncio.to_thread(monitor.metrics)
+        text = await asyncio.to_thread(self.monitor.metrics)
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(text)
 

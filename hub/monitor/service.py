@@ -188,8 +188,12 @@ class GpuMonitor:
             interval=settings.interval_seconds,
             baseline_threshold=settings.baseline_threshold,
             baseline_window_hours=settings.baseline_window_hours,
+            baseline_min_samples=max(
+                1, round(settings.baseline_min_hours * 3600 / settings.interval_seconds)
+            ),
             idle_minutes=settings.idle_minutes,
             full_load_percent=settings.full_load_percent,
+            full_load_seconds=settings.full_load_seconds,
             ecc_sbe_threshold=settings.ecc_sbe_threshold,
             extra_miner_patterns=tuple(settings.miner_patterns),
         )
