@@ -32,13 +32,18 @@ from typing import Final
 
 from ztlab.hub.gpu.backend import Lease
 from ztlab.hub.gpu.inventory import Inventory
-from ztlab.hub.monitor.findings import AttributedProcess, Holder, LeaseHold
+from ztlab.hub.monitor.findings import AttributedProcess, Holder, HolderKind, LeaseHold
 from ztlab.hub.monitor.telemetry import DeviceReading, ProcessFacts, ProcessReading
 
 __all__ = ["Attributor", "LeaseView", "cgroup_name"]
 
 _CLUSTER: Final = re.compile(r"(?P<account>.+)-(?P<id>[0-9a-f]{16})-(?P<part>s|[0-9]+)\Z")
 _RUN: Final = re.compile(r"(?P<account>.+)-run-(?P<id>[0-9a-z]{1,32})\Z")
+#: the cgroups the control plane names after a cluster or a run, and what they hold
+_NAMED: Final[tuple[tuple[re.Pattern[str], HolderKind], ...]] = (
+    (_CLUSTER, "cluster"),
+    (_RUN, "run"),
+)
 
 
 def cgroup_name(path: str | None, parent: str) -> str | None:
@@ -151,26 +156,17 @@ class Attributor:
             accounts = self._accounts()
         if name in accounts:
             return Holder(user=accounts[name], server="", kind="server", account=name, cgroup=name)
-        match = _CLUSTER.match(name)
-        if match is not None and match["account"] in accounts:
-            account = match["account"]
-            return Holder(
-                user=accounts[account],
-                server=f"cluster-{match['id']}",
-                kind="cluster",
-                account=account,
-                cgroup=name,
-            )
-        match = _RUN.match(name)
-        if match is not None and match["account"] in accounts:
-            account = match["account"]
-            return Holder(
-                user=accounts[account],
-                server=f"run-{match['id']}",
-                kind="run",
-                account=account,
-                cgroup=name,
-            )
+        for pattern, kind in _NAMED:
+            match = pattern.match(name)
+            if match is not None and match["account"] in accounts:
+                account = match["account"]
+                return Holder(
+                    user=accounts[account],
+                    server=f"{kind}-{match['id']}",
+                    kind=kind,
+                    account=account,
+                    cgroup=name,
+                )
         return None
 
     def attribute(

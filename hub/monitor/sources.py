@@ -30,6 +30,7 @@ from typing import Any, Final, TypeVar
 from ztlab.common.errors import UsageError
 from ztlab.hub.gpu.nvml import (
     TRACE_FORMAT,
+    DeviceTelemetry,
     GpuDevice,
     GpuProcess,
     NvmlError,
@@ -112,6 +113,10 @@ def _used(processes: Iterable[GpuProcess]) -> int:
     return sum(p.used_memory for p in processes if p.used_memory is not None)
 
 
+#: a device the snapshot records nothing beyond processes and utilization of
+_NO_TELEMETRY: Final = DeviceTelemetry()
+
+
 def _snapshot_device(
     snapshot: TraceSnapshot,
     *,
@@ -123,18 +128,7 @@ def _snapshot_device(
     fb_default: int,
 ) -> DeviceReading:
     rates = snapshot.utilization.get(uuid)
-    extra = snapshot.telemetry.get(uuid)
-    if extra is None:
-        return DeviceReading(
-            uuid=uuid,
-            index=index,
-            name=name,
-            parent=parent,
-            memory_total=memory_total,
-            gpu_util=None if rates is None else rates.gpu,
-            mem_util=None if rates is None else rates.memory,
-            fb_used=fb_default,
-        )
+    extra = snapshot.telemetry.get(uuid) or _NO_TELEMETRY
     return DeviceReading(
         uuid=uuid,
         index=index,
