@@ -10,10 +10,14 @@ it creates at start-up such as the state directory).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 from ztlab.common.errors import ConfigError, KeyFileError, ZtlabError
 
@@ -153,3 +157,122 @@ def state_database(path: Path, schema: str) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(schema)
     return db
+
+
+class DurableDatabase:
+    """A SQLite file of the control plane's state that keeps every commit through a crash.
+
+    The base of the stores whose writes must survive a crash once acknowledged (GPU
+    leases, GPU alerts). Opening creates the directory (0700) and the file (0600) when
+    missing and refuses ones that group or others can reach; the database runs in WAL mode
+    with ``synchronous=FULL``; its schema version (``PRAGMA user_version``) is checked, a
+    new file gets ``ddl`` and an older one the ``migrations`` from its version on, all in
+    one transaction. Safe to share between threads (hold :attr:`_lock` to read through
+    :attr:`_conn`); several processes may open the same file (a writer waits up to
+    ``busy_timeout`` seconds). Errors are ``error``, naming the file and ``what`` it is.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        what: str,
+        directory: str,
+        error: type[ZtlabError],
+        version: int,
+        ddl: Sequence[str],
+        migrations: Mapping[int, Sequence[str]] | None = None,
+        foreign_keys: bool = False,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        """Open (creating if needed) the database at ``path``; ``what`` names it in
+        messages ("GPU lease database"), ``directory`` its folder ("GPU lease directory")."""
+        self._path = Path(path)
+        self._what = what
+        self._error = error
+        private_directory(self._path.parent, what=directory, error=error)
+        private_file(self._path, what=what, error=error)
+        try:
+            conn = sqlite3.connect(
+                self._path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise error(f"{self._path}: cannot open the {what}: {exc}") from exc
+        self._conn = conn
+        self._lock = threading.RLock()
+        try:
+            self._setup(version, ddl, migrations or {}, foreign_keys=foreign_keys)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise error(f"{self._path}: not a usable {what}: {exc}") from exc
+        except error:
+            conn.close()
+            raise
+
+    def _setup(
+        self,
+        version: int,
+        ddl: Sequence[str],
+        migrations: Mapping[int, Sequence[str]],
+        *,
+        foreign_keys: bool,
+    ) -> None:
+        conn = self._conn
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise self._error(f"{self._path}: cannot switch the {self._what} to WAL mode")
+        conn.execute("PRAGMA synchronous=FULL")
+        if foreign_keys:
+            conn.execute("PRAGMA foreign_keys=ON")
+        with self.transaction() as tx:
+            found = tx.execute("PRAGMA user_version").fetchone()[0]
+            if found != 0 and found != version and found not in migrations:
+                known = (
+                    f"versions {min(migrations)} to {version}"
+                    if migrations
+                    else (f"version {version}")
+                )
+                raise self._error(
+                    f"{self._path}: {self._what} has schema version {found}; this ztlab "
+                    f"understands {known}"
+                )
+            if found == 0:
+                for statement in ddl:
+                    tx.execute(statement)
+            else:  # each step in the one transaction: a failed migration leaves the old one
+                for step in range(found, version):
+                    for statement in migrations.get(step, ()):
+                        tx.execute(statement)
+            tx.execute(f"PRAGMA user_version={version}")
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    def close(self) -> None:
+        """Close the connection (committed data is on disk already)."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``): committed on exit, rolled back on error.
+
+        Holds SQLite's write lock from the start, so what it reads cannot change under it
+        in this or any other process until it ends.
+        """
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")

@@ -42,14 +42,12 @@ version 1 (before hand-over checks) is migrated to 2 when opened.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
@@ -75,7 +73,7 @@ from ztlab.hub.gpu.backend import (
 )
 from ztlab.hub.gpu.inventory import Inventory, UnknownPoolError
 from ztlab.hub.policy import PolicyEngine, Principal
-from ztlab.hub.private import private_directory, private_file
+from ztlab.hub.private import DurableDatabase
 from ztlab.hub.timestamps import clock_text, utc_iso
 
 __all__ = [
@@ -201,93 +199,29 @@ def _lease_from_row(row: Sequence[Any]) -> Lease:
     )
 
 
-class LeaseStore:
+class LeaseStore(DurableDatabase):
     """The lease database: one SQLite file shared by every broker that opens it.
 
     Opening creates the directory (0700) and the file (0600) when missing and refuses
     ones that group or others can access. Safe to share between threads; several
     processes may open the same file (SQLite locks it; a writer waits up to
-    ``busy_timeout`` seconds). Reads see committed data only.
+    ``busy_timeout`` seconds). Reads see committed data only. A version 1 database (before
+    hand-over checks) is migrated when opened.
     """
 
     def __init__(self, *, path: Path, busy_timeout: float = 30.0) -> None:
         """Open (creating if needed) the lease database at ``path``."""
-        self._path = Path(path)
-        private_directory(self._path.parent, what="GPU lease directory", error=LeaseStoreError)
-        private_file(self._path, what="GPU lease database", error=LeaseStoreError)
-        try:
-            conn = sqlite3.connect(
-                self._path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise LeaseStoreError(
-                f"{self._path}: cannot open the GPU lease database: {exc}"
-            ) from exc
-        self._conn = conn
-        self._lock = threading.RLock()
-        try:
-            self._setup()
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise LeaseStoreError(f"{self._path}: not a usable GPU lease database: {exc}") from exc
-        except LeaseStoreError:
-            conn.close()
-            raise
-
-    def _setup(self) -> None:
-        conn = self._conn
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise LeaseStoreError(f"{self._path}: cannot switch the database to WAL mode")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        with self.transaction() as tx:
-            version = tx.execute("PRAGMA user_version").fetchone()[0]
-            if version != 0 and version not in _MIGRATIONS and version != _SCHEMA_VERSION:
-                raise LeaseStoreError(
-                    f"{self._path}: GPU lease database has schema version {version}; this "
-                    f"ztlab understands versions 1 to {_SCHEMA_VERSION}"
-                )
-            if version == 0:
-                for statement in (*_DDL, _HANDOVERS_DDL):
-                    tx.execute(statement)
-            # each step in the one transaction: a failed migration leaves the old version
-            for step in range(version, _SCHEMA_VERSION):
-                for statement in _MIGRATIONS.get(step, ()):
-                    tx.execute(statement)
-            tx.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-
-    @property
-    def path(self) -> Path:
-        """The database file."""
-        return self._path
-
-    def close(self) -> None:
-        """Close the database connection (committed data is on disk already)."""
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> LeaseStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``): committed on exit, rolled back on error.
-
-        Holds SQLite's write lock from the start, so what it reads cannot change under it
-        in this or any other process until it ends.
-        """
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        super().__init__(
+            path=path,
+            what="GPU lease database",
+            directory="GPU lease directory",
+            error=LeaseStoreError,
+            version=_SCHEMA_VERSION,
+            ddl=(*_DDL, _HANDOVERS_DDL),
+            migrations=_MIGRATIONS,
+            foreign_keys=True,
+            busy_timeout=busy_timeout,
+        )
 
     # -- reads (usable inside and outside a transaction) ------------------------------
 

@@ -15,17 +15,15 @@ from __future__ import annotations
 import builtins
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from ztlab.common.errors import UsageError, ZtlabError
 from ztlab.hub.monitor.findings import Alert
-from ztlab.hub.private import private_directory, private_file
+from ztlab.hub.private import DurableDatabase
 
 __all__ = ["AlertStore", "AlertStoreError", "StoredAlert"]
 
@@ -154,7 +152,7 @@ def _from_row(row: Sequence[Any]) -> StoredAlert:
     )
 
 
-class AlertStore:
+class AlertStore(DurableDatabase):
     """The alert database (see the module docstring). Thread-safe; one per hub process."""
 
     def __init__(
@@ -162,75 +160,21 @@ class AlertStore:
     ) -> None:
         """Open (creating if needed) the alert database at ``path``; ``clock`` gives the
         moment of an acknowledgement (POSIX seconds)."""
-        self._path = Path(path)
         self._clock = clock
-        private_directory(self._path.parent, what="alert directory", error=AlertStoreError)
-        private_file(self._path, what="alert database", error=AlertStoreError)
-        try:
-            conn = sqlite3.connect(
-                self._path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise AlertStoreError(f"{self._path}: cannot open the alert database: {exc}") from exc
-        self._conn = conn
-        self._lock = threading.RLock()
-        try:
-            self._setup()
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise AlertStoreError(f"{self._path}: not a usable alert database: {exc}") from exc
-        except AlertStoreError:
-            conn.close()
-            raise
+        super().__init__(
+            path=path,
+            what="alert database",
+            directory="alert directory",
+            error=AlertStoreError,
+            version=_SCHEMA_VERSION,
+            ddl=_DDL,
+            busy_timeout=busy_timeout,
+        )
 
     @classmethod
     def open(cls, path: Path, *, clock: Callable[[], float] = time.time) -> AlertStore:
         """The store at ``path`` (created 0600 in a 0700 directory when missing)."""
         return cls(path=path, clock=clock)
-
-    def _setup(self) -> None:
-        conn = self._conn
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise AlertStoreError(f"{self._path}: cannot switch the alert database to WAL mode")
-        conn.execute("PRAGMA synchronous=FULL")
-        with self._transaction() as tx:
-            version = tx.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA_VERSION):
-                raise AlertStoreError(
-                    f"{self._path}: alert database has schema version {version}; this ztlab "
-                    f"understands version {_SCHEMA_VERSION}"
-                )
-            for statement in _DDL:
-                tx.execute(statement)
-            tx.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    @property
-    def path(self) -> Path:
-        """The database file."""
-        return self._path
-
-    def close(self) -> None:
-        """Close the database (what was added is on disk already)."""
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> AlertStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -238,7 +182,7 @@ class AlertStore:
         """Keep ``alert`` with the ``responses`` the monitor set out to carry out."""
         user, server = subject_of(alert)
         evidence = json.dumps(dict(alert.evidence), sort_keys=True, default=str)
-        with self._transaction() as tx:
+        with self.transaction() as tx:
             cursor = tx.execute(
                 f"INSERT INTO alerts ({_COLUMNS}) "  # noqa: S608 - fixed columns
                 "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', NULL, NULL)",
@@ -267,7 +211,7 @@ class AlertStore:
 
     def set_outcome(self, alert_id: int, response: str, outcome: str) -> StoredAlert:
         """Note what became of one response (``done``, ``failed: <why>``)."""
-        with self._transaction() as tx:
+        with self.transaction() as tx:
             stored = self._get(tx, alert_id)
             outcomes = {**stored.outcomes, response: outcome}
             tx.execute(
@@ -283,7 +227,7 @@ class AlertStore:
         """
         if not by:
             raise UsageError("acknowledging an alert needs the name of the admin doing it")
-        with self._transaction() as tx:
+        with self.transaction() as tx:
             stored = self._get(tx, alert_id)
             if stored.acknowledged_at is not None:
                 return stored
