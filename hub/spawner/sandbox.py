@@ -383,27 +383,23 @@ class SandboxSpawner(DedicatedUserSpawner):
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
-        clusters = self.plane.clusters
-        if clusters is not None and not self.name:  # _end stops them: collect first
-            from ztlab.hub.compute.probe import collect_refusals
-
-            await collect_refusals(clusters, clusters.store.active(owner=self.user.name))
-        released = await asyncio.to_thread(self._end, reason="server stopped")
-        self.record(
-            "server.stopped",
-            server=self.name or "",
-            leases_released=[lease.id for lease in released],
-            reason="stopped",
-        )
-        self.clear_state()
-        await self.plane.flush()
+        await self._finish("stopped")
 
     async def _ended(self, reason: str) -> None:
         """The server's process is gone without a stop (killed, crashed): end its sandbox
         (a process it left, such as the server under bubblewrap, would otherwise run on
         unseen, since JupyterHub calls :meth:`stop` only on servers that still run) and
-        release its leases."""
-        released = await asyncio.to_thread(self._end, reason=f"server {reason}", actor=SYSTEM_ACTOR)
+        release its leases, as the control plane's doing."""
+        await self._finish(reason, actor=SYSTEM_ACTOR)
+
+    async def _finish(self, reason: str, *, actor: str | None = None) -> None:
+        """End the sandbox and record why (``server.stopped``): what every end shares."""
+        clusters = self.plane.clusters
+        if clusters is not None and not self.name:  # _end stops them: collect first
+            from ztlab.hub.compute.probe import collect_refusals
+
+            await collect_refusals(clusters, clusters.store.active(owner=self.user.name))
+        released = await asyncio.to_thread(self._end, reason=f"server {reason}", actor=actor)
         self.record(
             "server.stopped",
             server=self.name or "",
