@@ -103,12 +103,11 @@ class AcknowledgeHandler(_MonitorHandler):
         principal = await self.admin()
         try:
             alert = await asyncio.to_thread(
-                self.monitor.alerts.acknowledge, int(alert_id), by=principal.name
+                self.monitor.acknowledge, int(alert_id), by=principal.name
             )
         except ZtlabError as error:
             await self.fail(error)
             return
-        self.plane.record(principal.name, "gpu.alert_acknowledged", alert=int(alert_id))
         await self.reply(_alert_json(alert))
 
 

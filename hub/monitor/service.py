@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ConfigError
 from ztlab.hub.monitor.accounting import Accounting
-from ztlab.hub.monitor.alerts import AlertStore
+from ztlab.hub.monitor.alerts import AlertStore, StoredAlert
 from ztlab.hub.monitor.attribution import Attributor, LeaseView
 from ztlab.hub.monitor.detectors import Detectors, Tick
 from ztlab.hub.monitor.exporter import XidMemory, render
@@ -227,6 +227,12 @@ class GpuMonitor:
         self._accounts = dict(accounts)
         self._activity = dict(activity)
         self._roles = dict(roles)
+
+    def acknowledge(self, alert_id: int, *, by: str) -> StoredAlert:
+        """An admin marks alert ``alert_id`` as seen (recorded in the audit log)."""
+        stored = self.alerts.acknowledge(alert_id, by=by)
+        self.record(by, "gpu.alert_acknowledged", alert=alert_id)
+        return stored
 
     # -- one tick --------------------------------------------------------------------------
 

@@ -74,8 +74,7 @@ class MonitorPage(BaseHandler):  # type: ignore[misc]
         try:
             if action == "acknowledge":
                 alert = int(self.get_body_argument("alert", "0"))
-                await asyncio.to_thread(monitor.alerts.acknowledge, alert, by=principal.name)
-                self.plane.record(principal.name, "gpu.alert_acknowledged", alert=alert)
+                await asyncio.to_thread(monitor.acknowledge, alert, by=principal.name)
                 message = f"alert #{alert} acknowledged"
             elif action == "release" and self.plane.leases is not None:
                 gpu = self.get_body_argument("gpu", "")
