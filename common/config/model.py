@@ -57,7 +57,9 @@ __all__ = [
     "PolicyConfig",
     "Problem",
     "RoleConfig",
+    "RunsConfig",
     "SandboxConfig",
+    "ScheduleConfig",
     "SecretRef",
     "SecretsConfig",
     "ZtlabConfig",
@@ -1515,6 +1517,203 @@ class GpuConfig(_Model):
     )
 
 
+class ScheduleConfig(_Model):
+    """``[[runs.schedules]]``: a schedule an administrator owns in the configuration."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")] = Field(
+        description=(
+            "The schedule's name (lower-case letters, digits, `-` and `_`), unique per owner. "
+            'Default: none (required). Example: `name = "nightly-retrain"`. Added in 0.6.'
+        ),
+    )
+    owner: Annotated[str, StringConstraints(min_length=1)] = Field(
+        description=(
+            "The hub user the runs run as: their sandbox, quotas, roles and token. Each run "
+            "is a policy decision (`run_schedule`) on their roles at the time it starts. "
+            'Default: none (required). Example: `owner = "alice"`. Added in 0.6.'
+        ),
+    )
+    notebook: AbsPath = Field(
+        description=(
+            "The notebook file on the hub's machine; the hub keeps a copy (by its SHA-256) "
+            "when it starts, so a later edit changes nothing until the hub restarts. "
+            "Default: none (required). "
+            'Example: `notebook = "/srv/ztlab/notebooks/retrain.ipynb"`. Added in 0.6.'
+        ),
+    )
+    cron: str = Field(
+        description=(
+            "Five-field cron expression (minute hour day-of-month month day-of-week), read in "
+            '`timezone`. Default: none (required). Example: `cron = "0 2 * * *"`. Added in 0.6.'
+        ),
+    )
+    timezone: str = Field(
+        default="UTC",
+        description=(
+            "IANA time zone of the cron expression. Default: `UTC`. "
+            'Example: `timezone = "Europe/Berlin"`. Added in 0.6.'
+        ),
+    )
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Papermill parameters (name = value). Default: none. "
+            "Example: `parameters = { epochs = 3 }`. Added in 0.6."
+        ),
+    )
+    pool: PoolName | None = Field(
+        default=None,
+        description=(
+            "GPU pool of the runs' GPUs (needed with `gpus` when there are several pools). "
+            'Default: none. Example: `pool = "research"`. Added in 0.6.'
+        ),
+    )
+    gpus: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="GPUs each run leases. Default: `0`. Example: `gpus = 1`. Added in 0.6.",
+    )
+    retries: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description=(
+            "Further attempts after a run fails or is interrupted. Default: `0`. "
+            "Example: `retries = 2`. Added in 0.6."
+        ),
+    )
+    retry_backoff_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=86_400,
+        description=(
+            "Seconds before the first retry; each further one waits twice as long. "
+            "Default: `60`. Example: `retry_backoff_seconds = 300`. Added in 0.6."
+        ),
+    )
+    concurrency: Literal["skip", "queue"] = Field(
+        default="skip",
+        description=(
+            "A fire while the previous run still runs: `skip` records it as skipped, `queue` "
+            'runs it afterwards. Default: `skip`. Example: `concurrency = "queue"`. Added in 0.6.'
+        ),
+    )
+    missed: Literal["skip", "latest", "all"] = Field(
+        default="latest",
+        description=(
+            "Fire times missed while the hub was down: `latest` runs the last of them once, "
+            "`all` runs each, `skip` runs none (each is recorded as missed). "
+            'Default: `latest`. Example: `missed = "skip"`. Added in 0.6.'
+        ),
+    )
+    paused: bool = Field(
+        default=False,
+        description="Keep it, but fire nothing. Default: `false`. Example: `paused = true`.",
+    )
+
+    @model_validator(mode="after")
+    def _spec(self) -> ScheduleConfig:
+        self.spec()  # the cron expression, time zone and parameters, checked
+        return self
+
+    def spec(self) -> Any:
+        """The :class:`~ztlab.common.schedule.ScheduleSpec` (raises ``ValueError``)."""
+        from ztlab.common.schedule import ScheduleError, ScheduleSpec
+
+        try:
+            return ScheduleSpec.parse(
+                self.model_dump(exclude={"owner", "notebook", "paused"}), where=self.name
+            )
+        except ScheduleError as exc:
+            raise ValueError(exc.message + (f" ({exc.hint})" if exc.hint else "")) from exc
+
+
+class RunsConfig(_Model):
+    """``[runs]``: notebooks run with papermill in their owners' sandboxes, by hand or on a
+    schedule, with signed provenance."""
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Run notebooks (`ztlab run`, `ztlab schedule`). Needs `[sandbox]`: each run gets "
+            "its own cgroup in its owner's sandbox. Default: `true`. Example: "
+            "`enabled = false`. Added in 0.6."
+        ),
+    )
+    tick_seconds: float = Field(
+        default=5.0,
+        ge=0.2,
+        le=60.0,
+        description=(
+            "How often the scheduler looks for fire times that have come (a run started by "
+            "hand starts at once). Default: `5`. Example: `tick_seconds = 1`. Added in 0.6."
+        ),
+    )
+    on_time_seconds: float = Field(
+        default=300.0,
+        ge=1.0,
+        le=86_400.0,
+        description=(
+            "A fire time at most this many seconds old is on time; an older one was missed "
+            "(the hub was down) and the schedule's `missed` policy decides. Default: `300`. "
+            "Example: `on_time_seconds = 900`. Added in 0.6."
+        ),
+    )
+    max_hours: float = Field(
+        default=6.0,
+        gt=0.0,
+        le=24.0 * 7,
+        description=(
+            "Longest a run may run; it is then stopped and fails. Its hub token expires then "
+            "too. Default: `6`. Example: `max_hours = 12`. Added in 0.6."
+        ),
+    )
+    max_active_per_user: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description=(
+            "Runs one user may have running at once; more wait in the queue. Default: `2`. "
+            "Example: `max_active_per_user = 4`. Added in 0.6."
+        ),
+    )
+    max_notebook_bytes: int = Field(
+        default=16 * 2**20,
+        ge=1024,
+        description=(
+            "Largest notebook a run takes, and largest executed notebook the control plane "
+            "keeps. Default: `16777216` (16 MiB). Example: `max_notebook_bytes = 67108864`. "
+            "Added in 0.6."
+        ),
+    )
+    notify_url: str = Field(
+        default="",
+        description=(
+            "Webhook that gets a JSON document for every run that fails, is refused or is "
+            "interrupted (its owner, id, schedule and reason); failures are also on the "
+            "runs page and in the audit log. Default: none. "
+            'Example: `notify_url = "http://127.0.0.1:9093/hooks/runs"`. Added in 0.6.'
+        ),
+    )
+    schedules: list[ScheduleConfig] = Field(
+        default_factory=list,
+        description=(
+            "Schedules an administrator owns here rather than through `ztlab schedule add`; "
+            "the hub adds, changes and removes them to match when it starts. Default: none. "
+            'Example: `[[runs.schedules]]` with `name = "nightly"`, `owner = "alice"`, '
+            '`notebook = "/srv/nb/train.ipynb"` and `cron = "0 2 * * *"`. Added in 0.6.'
+        ),
+    )
+
+    @field_validator("notify_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if url and not re.match(r"https?://[^/\s]+", url):
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return url
+
+
 class ComputeConfig(_Model):
     """``[compute]``: who runs the users' Dask clusters in the GPU pools."""
 
@@ -1615,6 +1814,10 @@ class ZtlabConfig(_Model):
     compute: ComputeConfig = Field(
         default_factory=ComputeConfig,
         description="Dask clusters in the GPU pools.",
+    )
+    runs: RunsConfig = Field(
+        default_factory=RunsConfig,
+        description="Notebook runs with papermill: by hand and on schedules, with provenance.",
     )
     models: ModelsConfig = Field(
         default_factory=ModelsConfig,
@@ -1799,3 +2002,20 @@ def _cross_reference_problems(config: ZtlabConfig) -> Iterator[Problem]:
             else:
                 gpu_seen[gpu] = here
         yield from check_roles(pool.roles, (*where, "roles"))
+    seen_schedules: dict[tuple[str, str], int] = {}
+    for i, schedule in enumerate(config.runs.schedules):
+        at: tuple[str | int, ...] = ("runs", "schedules", i)
+        first = seen_schedules.get((schedule.owner, schedule.name))
+        if first is not None:
+            yield Problem(
+                key_path((*at, "name")),
+                f'{schedule.owner} has a schedule "{schedule.name}" already (at '
+                f"{key_path(('runs', 'schedules', first))})",
+            )
+        seen_schedules.setdefault((schedule.owner, schedule.name), i)
+        if schedule.pool is not None and schedule.pool not in config.gpu.pools:
+            known_pools = ", ".join(sorted(config.gpu.pools)) or "none configured"
+            yield Problem(
+                key_path((*at, "pool")),
+                f'pool "{schedule.pool}" does not exist; expected one of: {known_pools}',
+            )

@@ -46,7 +46,9 @@ from ztlab.common.config.model import (
     PolicyConfig,
     ProxyConfig,
     RoleConfig,
+    RunsConfig,
     SandboxConfig,
+    ScheduleConfig,
     SecretsConfig,
 )
 from ztlab.common.errors import ConfigError, SecretError
@@ -235,6 +237,7 @@ TOP_KEYS = ", ".join(
         "policy",
         "proxy",
         "roles",
+        "runs",
         "sandbox",
         "secrets",
         "state_dir",
@@ -1012,6 +1015,8 @@ def test_format_size_is_short() -> None:
 # --------------------------------------------------------------------------------------
 
 ALL_MODELS: list[type[BaseModel]] = [
+    RunsConfig,
+    ScheduleConfig,
     ZtlabConfig,
     HubConfig,
     AuditConfig,
