@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from ztlab.hub.models.service import ModelService
     from ztlab.hub.monitor.service import GpuMonitor
     from ztlab.hub.packages import PackageMirror, PackageRequests
+    from ztlab.hub.runs import RunService
     from ztlab.hub.sandbox.cgroups import CgroupManager
     from ztlab.hub.sandbox.netns import NetworkSegments
 
@@ -108,6 +109,7 @@ class ControlPlane:
         package_requests: PackageRequests | None = None,
         clusters: ClusterService | None = None,
         monitor: GpuMonitor | None = None,
+        runs: RunService | None = None,
     ) -> None:
         """Use :meth:`open`; this takes services that are already open."""
         self.config = config
@@ -125,6 +127,7 @@ class ControlPlane:
         self.package_requests = package_requests
         self.clusters = clusters
         self.monitor = monitor
+        self.runs = runs
         #: the sink every service records through (catalogued events only)
         self.events = CataloguedSink(audit)
         self._closed = False
@@ -193,6 +196,9 @@ class ControlPlane:
             monitor = _monitor(config, policy, events, sandbox, inventory, leases)
             if monitor is not None:
                 opened.append(monitor)
+            runs = _runs(config, policy, events, sandbox, statement_key, inventory, leases, models)
+            if runs is not None:
+                opened.append(runs)
         except BaseException:
             for service in reversed(opened):
                 service.close()
@@ -213,6 +219,7 @@ class ControlPlane:
             package_requests=package_requests,
             clusters=clusters,
             monitor=monitor,
+            runs=runs,
         )
         plane.record(
             SYSTEM_ACTOR,
@@ -240,6 +247,8 @@ class ControlPlane:
             names.append("clusters")
         if self.monitor is not None:
             names.append("gpu-monitor")
+        if self.runs is not None:
+            names.append("runs")
         return names
 
     # -- auditing ------------------------------------------------------------------------
@@ -295,6 +304,8 @@ class ControlPlane:
                 {user.name for user in known if user.running}, actor=SYSTEM_ACTOR
             )
             holders |= {(c.owner, f"cluster-{c.id}") for c in self.clusters.store.active()}
+        if self.runs is not None:  # ended (and their leases released) by runs.recover()
+            holders |= {(r.owner, r.server) for r in self.runs.store.left_active()}
         released: list[str] = []
         if self.leases is not None:
             for lease in self.leases.active():
@@ -331,6 +342,8 @@ class ControlPlane:
             return
         self._closed = True
         try:
+            if self.runs is not None:
+                self.runs.close()
             if self.monitor is not None:
                 self.monitor.close()
             if self.model_server is not None:
@@ -479,6 +492,41 @@ def _monitor(
     except BaseException:
         source.close()
         raise
+
+
+def _runs(
+    config: ZtlabConfig,
+    policy: PolicyEngine,
+    events: CataloguedSink,
+    sandbox: Sandboxing | None,
+    key: Any,
+    inventory: Inventory | None,
+    leases: LeaseBackend | None,
+    models: ModelService | None,
+) -> RunService | None:
+    """The notebook runs' scheduler (``[runs] enabled``, with the sandbox runs execute in)."""
+    if not config.runs.enabled or sandbox is None:
+        return None
+    from ztlab.hub.runs import RunService
+
+    def record(actor: str, action: str, **detail: Any) -> None:
+        events.record(actor=actor, action=action, detail=detail)
+
+    service = RunService(
+        config,
+        policy=policy,
+        record=record,
+        key=key,
+        leases=leases,
+        inventory=inventory,
+        models=models,
+    )
+    try:
+        service.sync_configured()
+    except BaseException:
+        service.close()
+        raise
+    return service
 
 
 def _sandboxing(config: ZtlabConfig) -> Sandboxing:

@@ -47,6 +47,13 @@ class EventType:
 
 
 _USER = "the hub user"
+_SCHEDULE = {"schedule": "the schedule's name", "owner": "whose schedule it is"}
+_RUN = {
+    "run": "the run's id",
+    "owner": "whose run it is (its sandbox, token and models are theirs)",
+    "schedule": "its schedule (none: started by hand)",
+    "attempt": "1, or the retry's number",
+}
 _CLUSTER = {
     "cluster": "cluster id",
     "owner": "the user who started it",
@@ -503,6 +510,12 @@ _TYPES: tuple[EventType, ...] = (
     EventType("model.revoke", "A protected alias was removed.", "the approver", _MODEL_DECISION),
     EventType("model.revoke.refused", "A revocation was refused.", _USER, _MODEL_REFUSED),
     EventType(
+        "model.withdrawn",
+        "A version registered by a run that did not succeed was deleted with its signature.",
+        "``ztlab-scheduler``",
+        {"model": "``NAME@VERSION``", "reason": "why (the run and how it ended)"},
+    ),
+    EventType(
         "model.alias.refused",
         "Someone tried to move a protected alias through MLflow's own API.",
         _USER,
@@ -611,6 +624,131 @@ _TYPES: tuple[EventType, ...] = (
             "holder": "the identity its certificate named (none: no valid certificate)",
             "count": "how many times within 10 s from that address for that reason",
         },
+    ),
+    # -- scheduled and one-off notebook runs --
+    EventType(
+        "schedule.added",
+        "A schedule of notebook runs was added (or, from ztlab.toml, changed).",
+        "its owner, or ``ztlab-scheduler`` for one in ``[[runs.schedules]]``",
+        {
+            **_SCHEDULE,
+            "cron": "the cron expression",
+            "timezone": "its time zone",
+            "notebook": "the notebook's name",
+            "notebook_sha256": "the notebook's SHA-256 (the copy the control plane keeps)",
+            "source": "``api`` or ``config``",
+        },
+    ),
+    EventType("schedule.paused", "A schedule was paused.", "who paused it", _SCHEDULE),
+    EventType("schedule.resumed", "A schedule was resumed.", "who resumed it", _SCHEDULE),
+    EventType(
+        "schedule.removed",
+        "A schedule was removed; its queued runs were cancelled.",
+        "who removed it (``ztlab-scheduler``: gone from ``[[runs.schedules]]``)",
+        {**_SCHEDULE, "cancelled": "the queued runs cancelled"},
+    ),
+    EventType(
+        "run.queued",
+        "A run was queued: started by hand, fired by its schedule, or a retry.",
+        "who started it, or ``ztlab-scheduler``",
+        {
+            **_RUN,
+            "scheduled_for": "the fire time it is for (UTC)",
+            "notebook": "the notebook's name",
+            "notebook_sha256": "its SHA-256",
+            "parameters": "the papermill parameters",
+        },
+        optional=frozenset({"schedule", "scheduled_for"}),
+    ),
+    EventType(
+        "run.skipped",
+        "A fire time made no run: the previous run still ran (``skip``) or the hub was down "
+        "(``missed``).",
+        "``ztlab-scheduler``",
+        {
+            **_RUN,
+            "scheduled_for": "the fire time (UTC)",
+            "status": "skipped or missed",
+            "reason": "why",
+        },
+    ),
+    EventType(
+        "run.refused",
+        "A run did not start: the policy (``run_schedule``), the identity provider (account "
+        "disabled) or a quota said no.",
+        "``ztlab-scheduler``",
+        {**_RUN, "reason": "the refusal, as its owner sees it"},
+        optional=frozenset({"schedule"}),
+    ),
+    EventType(
+        "run.started",
+        "A run's sandbox started (cgroup, lease, token for this run only).",
+        "``ztlab-scheduler``",
+        {
+            **_RUN,
+            "cgroup": "its cgroup",
+            "lease": "its GPU lease (none: no GPU)",
+            "gpus": "GPU ids",
+        },
+        optional=frozenset({"schedule"}),
+    ),
+    EventType(
+        "run.succeeded",
+        "Every cell ran; the executed notebook is kept and the provenance signed.",
+        "``ztlab-scheduler``",
+        {
+            **_RUN,
+            "duration_seconds": "from start to finish",
+            "executed_sha256": "the executed notebook's SHA-256",
+            "provenance_sha256": "SHA-256 of the signed provenance envelope",
+            "models": "versions it registered (``NAME@VERSION``)",
+            "datasets": "registered datasets it read, with their root digests",
+        },
+        optional=frozenset({"schedule"}),
+    ),
+    EventType(
+        "run.failed",
+        "A run failed: a cell raised, its sandbox could not start, or it ran too long; "
+        "models it registered were withdrawn.",
+        "``ztlab-scheduler``",
+        {
+            **_RUN,
+            "reason": "what failed",
+            "failed_cell": "index of the cell that raised",
+            "duration_seconds": "from start to the end",
+            "executed_sha256": "the executed notebook's SHA-256, where it wrote one",
+            "models_withdrawn": "versions it had registered, now deleted",
+        },
+        optional=frozenset({"schedule", "failed_cell", "duration_seconds", "executed_sha256"}),
+    ),
+    EventType(
+        "run.interrupted",
+        "A run's scheduler died while it ran; the next one ended what was left of it.",
+        "``ztlab-scheduler``",
+        {**_RUN, "reason": "what was found", "models_withdrawn": "versions deleted"},
+        optional=frozenset({"schedule"}),
+    ),
+    EventType(
+        "run.cancelled",
+        "A run was cancelled (by its owner, an admin, or the GPU monitor).",
+        "who cancelled it",
+        {**_RUN, "reason": "why"},
+        optional=frozenset({"schedule"}),
+    ),
+    EventType(
+        "run.provenance",
+        "The control plane signed a run's SLSA provenance (in-toto, DSSE); the envelope is "
+        "here in full.",
+        "``ztlab-scheduler``",
+        {
+            **_RUN,
+            "provenance_sha256": "SHA-256 of the envelope",
+            "keyid": "the signing key's id",
+            "subjects": "what it is about (executed notebook, models)",
+            "mlflow_runs": "MLflow runs it was stored with",
+            "envelope": "the DSSE envelope (JSON)",
+        },
+        optional=frozenset({"schedule"}),
     ),
     EventType(
         "environment.defined",

@@ -32,6 +32,8 @@ _SECTIONS = {
     "package": "Packages",
     "pool": "GPU pools and clusters",
     "environment": "Environments",
+    "schedule": "Notebook runs and schedules",
+    "run": "Notebook runs and schedules",
 }
 
 

@@ -474,3 +474,72 @@ class ModelService:
             {"alias": a, "action": act, "actor": who, "reason": why, "at": at}
             for a, act, who, why, at in rows
         ]
+
+    # -- what a notebook run made (ztlab.hub.runs) ----------------------------------------
+
+    def versions_of_run(self, mlflow_run_id: str) -> list[tuple[str, str]]:
+        """The registered versions (name, version) made from MLflow run ``mlflow_run_id``."""
+        answer = self.mlflow.call(
+            "GET", "model-versions/search", {"filter": f"run_id='{mlflow_run_id}'"}
+        )
+        return [(str(v["name"]), str(v["version"])) for v in answer.get("model_versions", []) or []]
+
+    def lineage_of_run(self, mlflow_run_id: str, trainer: str) -> list[dict[str, str]]:
+        """The datasets MLflow run ``mlflow_run_id`` read (``dataset``, ``root``,
+        ``algorithm``), each checked against the registry as for signing (raises
+        :class:`ModelServiceError` when one is not)."""
+        checked = self._lineage(trainer, self.mlflow.run(mlflow_run_id))
+        principal = Principal(name=trainer, roles=self._roles_of(trainer))
+        for item in checked:
+            item["algorithm"] = self._datasets.get(principal, item["dataset"]).algorithm
+        return checked
+
+    def withdraw(self, name: str, version: str, *, actor: str, reason: str) -> None:
+        """Delete a registered version and its signature (a failed run's model): the
+        registry keeps no half-made model; ``model.withdrawn`` is audited."""
+        self.mlflow.call("DELETE", "model-versions/delete", {"name": name, "version": version})
+        self._query("DELETE FROM signatures WHERE name = ? AND version = ?", (name, version))
+        self._audit.record(
+            actor=actor,
+            action="model.withdrawn",
+            detail={"model": f"{name}@{version}", "reason": reason},
+        )
+
+    def store_run_file(self, mlflow_run_id: str, name: str, data: bytes) -> str:
+        """Store ``data`` as artifact ``ztlab/NAME`` of MLflow run ``mlflow_run_id``, in the
+        artifact store itself (the control plane's write); returns its artifact path."""
+        info = self.mlflow.run(mlflow_run_id)["info"]
+        uri = str(info["artifact_uri"]).rstrip("/") + "/ztlab"
+        if self.artifacts_destination is None:
+            folder = artifact_path(self.store, uri)
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / name
+            tmp = target.with_name(f".{name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        else:
+            remote = remote_artifact_uri(self.artifacts_destination, uri)
+            registry: Any = importlib.import_module(
+                "mlflow.store.artifact.artifact_repository_registry"
+            )
+            with tempfile.TemporaryDirectory() as local:
+                path = Path(local) / name
+                path.write_bytes(data)
+                registry.get_artifact_repository(remote).log_artifact(str(path))
+        return f"ztlab/{name}"
+
+    def tag_run(self, mlflow_run_id: str, key: str, value: str) -> None:
+        """Set a tag on an MLflow run as the control plane."""
+        self.mlflow.call(
+            "POST", "runs/set-tag", {"run_id": mlflow_run_id, "key": key, "value": value}
+        )
+
+    def end_run(self, mlflow_run_id: str, status: str) -> None:
+        """Mark an MLflow run ``FINISHED`` or ``FAILED`` (one left open by a killed run)."""
+        run = self.mlflow.run(mlflow_run_id)
+        if run["info"].get("status") == "RUNNING":
+            self.mlflow.call(
+                "POST",
+                "runs/update",
+                {"run_id": mlflow_run_id, "status": status, "end_time": int(time.time() * 1000)},
+            )

@@ -147,7 +147,9 @@ class SandboxSpec:
     ``uid``/``gid``: the user's dedicated account (never 0). ``home``: the private home,
     bound read-write at the same path (mode 0700, owned by the account). ``datasets``:
     path inside -> host path, bound read-only. ``binds``: other folders bound read-only
-    (path inside -> host path: the kernel environments the user may use). ``devices``:
+    (path inside -> host path: the kernel environments the user may use). ``writable``:
+    folders bound read-write (path inside -> host path: a run's own input and output
+    folder, made by the control plane and owned by the account). ``devices``:
     device nodes exposed with ``--dev-bind`` (a :class:`~pathlib.Path` for the same path
     inside, or a ``(host, inside)`` pair); access is fenced by the cgroup device rules as well.
     ``env``: the server's whole environment. ``readonly_paths``: the system visible
@@ -160,6 +162,7 @@ class SandboxSpec:
     home: Path
     datasets: Mapping[str, Path] = field(default_factory=dict)
     binds: Mapping[str, Path] = field(default_factory=dict)
+    writable: Mapping[str, Path] = field(default_factory=dict)
     devices: Sequence[DeviceBind] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     readonly_paths: Sequence[Path] = DEFAULT_READONLY_PATHS
@@ -227,7 +230,7 @@ def _mounts(spec: SandboxSpec) -> list[str]:
     home = _absolute(spec.home, "home")
     bound = [Path(args[-1]) for _, _, args in ops if args[0] == "--ro-bind"]
     bound += [home, *(_absolute(inside, "dataset") for inside in spec.datasets)]
-    bound += [_absolute(inside, "bind") for inside in spec.binds]
+    bound += [_absolute(inside, "bind") for inside in [*spec.binds, *spec.writable]]
     for raw in spec.hidden:
         path = _absolute(raw, "hidden path")
         for target in {path, path.resolve()}:
@@ -246,6 +249,9 @@ def _mounts(spec: SandboxSpec) -> list[str]:
     for inside, host in sorted(spec.binds.items()):
         dest = _absolute(inside, "bind path inside the sandbox")
         add(dest, _DATASET, ["--ro-bind", str(_absolute(host, "bind")), str(dest)])
+    for inside, host in sorted(spec.writable.items()):
+        dest = _absolute(inside, "writable path inside the sandbox")
+        add(dest, _DATASET, ["--bind", str(_absolute(host, "writable folder")), str(dest)])
     for device in spec.devices:
         host_dev, inside_dev = _device_pair(device)
         add(inside_dev, _DEVICE, ["--dev-bind", str(host_dev), str(inside_dev)])

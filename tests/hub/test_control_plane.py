@@ -115,7 +115,7 @@ def test_one_control_plane_serves_authenticator_spawners_and_handlers(hub: Ztlab
     # each service exists once, owned by the plane
     assert plane.datasets is _handler(hub, DatasetsHandler, "/").registry
     assert plane.sandbox is not None
-    assert plane.services == ["audit", "policy", "totp", "datasets", "sandbox"]
+    assert plane.services == ["audit", "policy", "totp", "datasets", "sandbox", "runs"]
 
 
 def test_the_plane_opened_and_reconciled_on_record(hub: ZtlabHub) -> None:
