@@ -61,6 +61,14 @@ class HubAPI:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """``method`` ``API_URL + path`` with the hub token; the JSON answer."""
         data = json.dumps(body).encode() if body is not None else None
+        return json.loads(self.fetch(path, method=method, data=data) or b"null")
+
+    def fetch(
+        self, path: str, *, method: str = "GET", data: bytes | None = None, timeout: float = 60
+    ) -> bytes:
+        """``method`` ``API_URL + path`` with the hub token; the answer's bytes as sent (a
+        signed file keeps its digest). The hub's JSON errors raise :class:`HubAPIError`
+        (4xx) or :class:`HubUnreachable` (5xx, no answer)."""
         request = urllib.request.Request(  # noqa: S310 - the hub's own API URL
             f"{self.api_url}{path}",
             data=data,
@@ -68,15 +76,15 @@ class HubAPI:
             headers={"Authorization": f"token {self._token}", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=30, context=self._context) as response:  # noqa: S310
-                return json.loads(response.read() or b"null")
+            with urllib.request.urlopen(request, timeout=timeout, context=self._context) as answer:  # noqa: S310
+                return bytes(answer.read())
         except urllib.error.HTTPError as exc:
             try:
                 answer = json.loads(exc.read())
                 message, hint = answer.get("message"), answer.get("hint")
             except (ValueError, AttributeError):
                 message, hint = exc.reason, None
-            if exc.code in (400, 403, 404, 409):
+            if 400 <= exc.code < 500:
                 raise HubAPIError(str(message), status=exc.code, hint=hint) from exc
             raise HubUnreachable(f"the hub answered {exc.code}: {message}") from exc
         except (urllib.error.URLError, OSError) as exc:

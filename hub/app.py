@@ -164,6 +164,12 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
             sweep.start()
         if plane.monitor is not None:
             await self.start_monitor(plane)
+        if plane.runs is not None:
+            from ztlab.hub.spawner.runs import wire_runs
+
+            wire_runs(self, plane, asyncio.get_running_loop())
+            # in a thread: ending the runs a killed hub left asks this loop (tokens)
+            await asyncio.to_thread(plane.runs.start)
         assert self.enforcer is not None  # made by init_handlers
         summary = PeriodicCallback(self.enforcer.flush_summary, ACCESS_SUMMARY_SECONDS * 1000)
         self._periodic_callbacks["ztlab-access-summary"] = summary
@@ -266,6 +272,9 @@ class ZtlabHub(JupyterHub):  # type: ignore[misc]
                 record = plane.clusters.store.get(holder.server.removeprefix("cluster-"))
                 if record is not None:
                     plane.clusters.stop(record, actor=SYSTEM_ACTOR, reason=reason)
+                return
+            if holder.kind == "run" and plane.runs is not None:
+                plane.runs.cancel_by_system(holder.server.removeprefix("run-"), reason=reason)
                 return
             if holder.kind != "server":
                 raise RuntimeError(f"cannot stop a {holder.kind} from the monitor")

@@ -48,6 +48,10 @@ USER_SCOPES = [
 
 #: what a server's token (inherited by its kernels) may do: the control plane's API
 SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server", DATA_SCOPE]
+#: what a notebook run's token may do: the control plane's API, nothing of JupyterHub's
+RUN_TOKEN_SCOPES = [DATA_SCOPE]
+#: the note of a run's token is this, then the run's id
+RUN_TOKEN_NOTE = "ztlab-run:"  # noqa: S105 - a note, not a secret
 
 
 def granted_roles(auth_state: Mapping[str, Any]) -> frozenset[str]:

@@ -18,6 +18,7 @@ from ztlab.hub.api.environments import environment_handlers
 from ztlab.hub.api.models import model_handlers
 from ztlab.hub.api.monitor import monitor_handlers
 from ztlab.hub.api.pools import pool_handlers
+from ztlab.hub.api.runs import run_handlers
 
 
 def api_handlers() -> list[tuple[str, Any]]:
@@ -28,6 +29,7 @@ def api_handlers() -> list[tuple[str, Any]]:
         *environment_handlers(),
         *pool_handlers(),
         *monitor_handlers(),
+        *run_handlers(),
     ]
 
 

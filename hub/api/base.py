@@ -10,7 +10,7 @@ from tornado import web
 
 from ztlab.common.errors import UsageError, ZtlabError
 from ztlab.hub.controlplane import ControlPlane, control_plane
-from ztlab.hub.identity import DATA_SCOPE, user_principal
+from ztlab.hub.identity import DATA_SCOPE, RUN_TOKEN_NOTE, user_principal
 
 
 class ZtlabAPIHandler(APIHandler):  # type: ignore[misc]
@@ -37,6 +37,12 @@ class ZtlabAPIHandler(APIHandler):  # type: ignore[misc]
                 403, f"This token lacks the {DATA_SCOPE} scope (make a token that has it)."
             )
         return await user_principal(user)
+
+    def run_of_token(self) -> str | None:
+        """The notebook run whose token made this request (``None``: not a run's)."""
+        token = self.get_token()
+        note = getattr(token, "note", None) or ""
+        return note.removeprefix(RUN_TOKEN_NOTE) if note.startswith(RUN_TOKEN_NOTE) else None
 
     def body(self) -> dict[str, Any]:
         """The request's JSON object, or a 400."""

@@ -322,6 +322,48 @@ class MFAOAuthenticator(GenericOAuthenticator):  # type: ignore[misc]
             )
         return refreshed
 
+    async def vouch(self, user: Any) -> frozenset[str]:
+        """The user's roles as the provider says now, for work done for them while they are
+        away (a scheduled run): no session-age rule, the provider is asked with the tokens
+        of their last login. Raises :class:`UsageError` saying why it will not vouch (a
+        disabled account, an expired refresh token, no role left); a change of roles is
+        saved and recorded (``session.roles_changed``)."""
+        from ztlab.common.errors import UsageError
+        from ztlab.hub.identity import granted_roles
+
+        auth_state = await user.get_auth_state() or {}
+        ztlab_state = auth_state.get("ztlab") or {}
+        try:
+            await self.provider()
+            refreshed = await super().refresh_user(user, None)
+        except LoginRefused as exc:
+            self.record(user.name, "session.refresh_refused", reason=exc.refusal)
+            raise UsageError(
+                f"the identity provider no longer vouches for {user.name}: {exc.jupyterhub_message}"
+            ) from exc
+        if refreshed is False:
+            self.record(user.name, "session.refresh_refused", reason="provider")
+            raise UsageError(
+                f"the identity provider no longer vouches for {user.name} (the account is "
+                "disabled, or its sign-in expired)",
+                hint=f"{user.name} signs in to the hub again",
+            )
+        if refreshed is True:
+            return granted_roles(auth_state)
+        new_state = refreshed["auth_state"]["ztlab"]
+        for key in ("authenticated_at", "mfa", "client_ip", "user_agent", "amr", "acr"):
+            if key in ztlab_state:
+                new_state[key] = ztlab_state[key]
+        if new_state["roles"] != ztlab_state.get("roles"):
+            self.record(
+                user.name, "session.roles_changed", old=ztlab_state.get("roles"),
+                new=new_state["roles"],
+            )  # fmt: skip
+        await user.save_auth_state(refreshed["auth_state"])
+        if not new_state["roles"]:
+            raise UsageError(f"{user.name} holds no role at the identity provider any more")
+        return granted_roles(refreshed["auth_state"])
+
     def get_handlers(self, app: Any) -> list[tuple[str, Any]]:
         """Our login, callback, sign-out and MFA step-up handlers."""
         from ztlab.hub.login.handlers import (
