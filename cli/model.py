@@ -359,6 +359,41 @@ def _call(
     return hub_client(*hub).call(method, path, body)
 
 
+def provenance_lines(provenance: Any) -> list[str]:
+    """What ``ztlab model status`` says of a version's run provenance (the API's
+    ``provenance``: ``run``, ``verified``, ``problem``, ``statement``); none without one."""
+    if not isinstance(provenance, dict):
+        return []
+    run = provenance.get("run") or {}
+    if not provenance.get("verified"):
+        return [
+            f"  provenance: DOES NOT VERIFY: {provenance.get('problem') or 'unknown problem'}",
+            f"    run {run.get('id')} by {run.get('owner')}",
+        ]
+    predicate = (provenance.get("statement") or {}).get("predicate") or {}
+    definition = predicate.get("buildDefinition") or {}
+    external = definition.get("externalParameters") or {}
+    notebook = external.get("notebook") or run.get("notebook") or {}
+    sha256 = (notebook.get("digest") or {}).get("sha256") or notebook.get("sha256") or ""
+    schedule = external.get("schedule") or run.get("schedule")
+    how = f"schedule {schedule}" if schedule else "by hand"
+    lines = [
+        f"  provenance: verified (run {run.get('id')} by {run.get('owner')}, {how}, "
+        f"notebook {notebook.get('name')} sha256:{sha256[:12]}…)"
+    ]
+    parameters = external.get("parameters") or {}
+    if parameters:
+        shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(parameters.items()))
+        lines.append(f"    parameters: {shown}")
+    for item in definition.get("resolvedDependencies") or []:
+        dependency = str(item.get("name", ""))
+        if dependency.startswith("dataset:"):
+            algorithm, digest = next(iter((item.get("digest") or {"?": ""}).items()))
+            dataset = dependency.removeprefix("dataset:")
+            lines.append(f"    dataset {dataset} {algorithm}:{digest[:16]}…")
+    return lines
+
+
 @model_group.command("status", short_help="Show a version's signature and approvals.")
 @click.argument("name")
 @click.argument("version")
@@ -367,7 +402,8 @@ def _call(
 def status_command(
     name: str, version: str, hub_url: str | None, token_file: Path | None, config_path: Path
 ) -> None:
-    """Show NAME VERSION: signed or not, trainer, datasets, and every approval decision."""
+    """Show NAME VERSION: signed or not, trainer, datasets, the provenance of the notebook
+    run that trained it (verified by the hub), and every approval decision."""
     answer = _call((hub_url, token_file, config_path), "GET", f"/ztlab/models/{name}/{version}")
     if not answer["signed"]:
         click.echo(f"{name} {version}: not signed")
@@ -377,6 +413,8 @@ def status_command(
         click.echo(f"{name} {version}: signed; trained by {answer['trainer']}")
         for item in datasets:
             click.echo(f"  dataset {item['dataset']} root {item['root'][:16]}…")
+    for line in provenance_lines(answer.get("provenance")):
+        click.echo(line)
     for event in answer["history"]:
         alias = f" {event['alias']}" if event["alias"] else ""
         click.echo(f"  {event['action']}{alias} by {event['actor']}: {event['reason']}")

@@ -21,8 +21,11 @@ proxy:
 method   path (under ``/hub/api/ztlab``)                      what
 =======  ==================================================  ================================
 POST     ``/models/NAME/VERSION/sign``                       sign (the trainer; lineage checked)
-GET      ``/models/NAME/VERSION``                            signature, trainer, approvals
+GET      ``/models/NAME/VERSION``                            signature, trainer, approvals,
+                                                             the run's provenance (verified)
 POST     ``/models/NAME/VERSION/approve``                    ``{"reason", "alias"}`` approve
+                                                             (409 if its run's provenance
+                                                             does not verify)
 POST     ``/models/NAME/VERSION/reject``                     ``{"reason"}``
 POST     ``/models/NAME/aliases/ALIAS/revoke``               ``{"reason"}`` remove the alias
 GET      ``/models/NAME/aliases/ALIAS``                      the approved version and bundle
@@ -46,6 +49,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from ztlab.common.errors import ZtlabError
 from ztlab.hub.api.base import ZtlabAPIHandler
 from ztlab.hub.models.mlflow_auth import CONTROL_USER
+from ztlab.hub.models.provenance import check_approvable, provenance_of_version
 
 _NAME = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,127})"
 _VERSION = r"([0-9]{1,9})"
@@ -130,7 +134,8 @@ class SignHandler(_ModelsHandler):
 
 
 class VersionHandler(_ModelsHandler):
-    """A version's signature and approval history."""
+    """A version's signature, approval history, and the provenance of the run that trained
+    it (``null`` when no notebook run did)."""
 
     async def get(self, name: str, version: str) -> None:
         """``GET .../NAME/VERSION``."""
@@ -138,18 +143,21 @@ class VersionHandler(_ModelsHandler):
 
         def show() -> dict[str, Any]:
             stored = self.service.signature(name, version)
+            provenance = provenance_of_version(self.plane.runs, stored)
             return {
                 "signed": stored is not None,
                 "trainer": stored.trainer if stored else None,
                 "bundle": json.loads(stored.bundle) if stored else None,
                 "history": self.service.history(name, version),
+                "provenance": provenance.as_json() if provenance is not None else None,
             }
 
         await self.act(show)
 
 
 class DecisionHandler(_ModelsHandler):
-    """Approve or reject a version."""
+    """Approve or reject a version; a version from a run whose provenance does not verify
+    is not approved (409)."""
 
     async def post(self, name: str, version: str, action: str) -> None:
         """``POST .../approve`` or ``.../reject`` with ``{"reason", "alias"}``."""
@@ -160,7 +168,19 @@ class DecisionHandler(_ModelsHandler):
             raise web.HTTPError(400, 'Expected {"reason": "why"} (a reason is required).')
         if action == "approve":
             alias = body.get("alias") or self.service.protected_aliases[0]
-            await self.act(self.service.approve, principal, name, version, reason, alias)
+
+            def approve() -> None:
+                check_approvable(
+                    self.plane.runs,
+                    self.service,
+                    actor=principal.name,
+                    name=name,
+                    version=version,
+                    record=self.plane.record,
+                )
+                self.service.approve(principal, name, version, reason, alias)
+
+            await self.act(approve)
         else:
             await self.act(self.service.reject, principal, name, version, reason)
 
@@ -330,6 +350,14 @@ class MlflowProxyHandler(_ModelsHandler):
             return
         if not self._writer:
             raise web.HTTPError(403, f"{principal.name} may only read MLflow.")
+        tags = [args] if path.endswith("/runs/set-tag") else list(args.get("tags") or [])
+        if (
+            path.endswith(("/runs/set-tag", "/runs/log-batch", "/runs/delete-tag"))
+            and any(
+                isinstance(t, dict) and str(t.get("key", "")).startswith("ztlab.") for t in tags
+            )
+        ) or (path.endswith("/runs/delete-tag") and str(args.get("key", "")).startswith("ztlab.")):
+            raise web.HTTPError(403, "Tags named ztlab.* are the control plane's to set.")
         owner_of = args.get("run_id") or query.get("run_id") or args.get("run_uuid")
         parts = path.split("/")
         if path.startswith(_ARTIFACTS) and len(parts) > 5:
@@ -369,10 +397,17 @@ class MlflowProxyHandler(_ModelsHandler):
                 body = None
         args = body if isinstance(body, dict) else {}
         self._guard(principal, method, path, args, query)
+        run_of_token = self.run_of_token()
         if path == "api/2.0/mlflow/runs/create" and isinstance(body, dict):
             body["user_id"] = principal.name
-            body["tags"] = [t for t in body.get("tags", []) if t.get("key") != "mlflow.user"]
+            body["tags"] = [
+                t
+                for t in body.get("tags", [])
+                if t.get("key") != "mlflow.user" and not str(t.get("key", "")).startswith("ztlab.")
+            ]
             body["tags"].append({"key": "mlflow.user", "value": principal.name})
+            if run_of_token is not None:
+                body["tags"].append({"key": "ztlab.run", "value": run_of_token})
         payload = json.dumps(body).encode() if isinstance(body, dict) else raw
         headers = {
             k: v
@@ -404,6 +439,9 @@ class MlflowProxyHandler(_ModelsHandler):
                 created = answer.get("model", {}).get("info", {}).get("model_id")
             if created:
                 service.record_run(str(created), principal.name)
+                runs = self.plane.runs
+                if run_of_token is not None and runs is not None and "runs/create" in path:
+                    runs.attach_mlflow_run(run_of_token, str(created))
             if path == _NEW_VERSION and self.plane.config.models.sign_on_register:
                 await self._sign_new_version(principal, answer)
         await self.plane.flush()
