@@ -56,6 +56,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ztlab.cli.policy:policy_group",
         "Query and check the Cedar access policies (deny by default).",
     ),
+    "run": (
+        "ztlab.cli.run:run_group",
+        "Run a notebook in your sandbox; runs' history; verify provenance.",
+    ),
+    "schedule": (
+        "ztlab.cli.schedule:schedule_group",
+        "Run notebooks on a cron schedule; pause, resume, remove.",
+    ),
     "up": ("ztlab.cli.up:up_command", "Start the control plane, dev IdP and hub."),
 }
 
