@@ -132,6 +132,16 @@ class SandboxRunLauncher:
             path.mkdir(mode=0o711, exist_ok=True)
             path.chmod(0o711)
         self.log_dir = plane.config.state_dir / "logs" / "runs"
+        self._runtime_digest: str | None = None
+
+    def runtime_digest(self) -> str:
+        """``sha256:HEX`` of the secure kernel's runtime (what a run without an environment
+        runs in), computed once per hub: it changes only when the hub is upgraded."""
+        if self._runtime_digest is None:
+            from ztlab.hub.environments.build import runtime_digest
+
+            self._runtime_digest = runtime_digest()
+        return self._runtime_digest
 
     def cgroup_name(self, account: str, run: RunRecord) -> str:
         """``ACCOUNT-run-ID`` (what the GPU monitor attributes to the run)."""
@@ -171,7 +181,7 @@ class SandboxRunLauncher:
         python = str(Path(sys.executable))
         command = [python, "-I", "-m", "ztlab.kernels.run", FOLDER_INSIDE]
         kernel = KERNEL_NAME
-        environment = None
+        environment = (KERNEL_NAME, self.runtime_digest())
         if environments:
             chosen = default_environment(environments)
             kernel = KERNEL_PREFIX + chosen.name
@@ -297,10 +307,12 @@ class SandboxRunLauncher:
                 if cgroup is not None:
                     cgroup.kill_all()
                     cgroup.remove()
-        self.credentials.revoke(run.owner, run.id)
         folder = self.run_dir / run.id
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            self.credentials.revoke(run.owner, run.id)
+        finally:  # the folder holds the run's certificate key: it goes whatever happens
+            if folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def last_words(log: Path, *, limit: int = 65536) -> str:
@@ -388,8 +400,7 @@ class HubCredentials(Credentials):
         certipy = Certipy(store_dir=self.app.internal_certs_location)
         name = f"run-{run_id}"
         if _has_record(certipy, name):
-            certipy.store.remove_files(name, delete_dir=True)
-            certipy.store.remove_record(name)
+            certipy.store.remove_files(name, delete_dir=True)  # the record, then the files
 
 
 def _has_record(certipy: Any, name: str) -> bool:
