@@ -101,6 +101,8 @@ def parse_parameters(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
 
 def read_notebook(path: Path) -> bytes:
     """The bytes of a notebook file, checked to be a notebook (JSON with a list of cells)."""
+    from ztlab.common.schedule import check_notebook
+
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -111,12 +113,7 @@ def read_notebook(path: Path) -> bytes:
         ) from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the notebook: {exc.strerror}") from exc
-    try:
-        document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not a notebook (not JSON: {exc})") from exc
-    if not isinstance(document, dict) or not isinstance(document.get("cells"), list):
-        raise UsageError(f"{path}: not a notebook (no list of cells)")
+    check_notebook(data, where=str(path))
     return data
 
 

@@ -16,6 +16,7 @@ running through the repeated hour.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "ScheduleError",
     "ScheduleSpec",
     "check_cron",
+    "check_notebook",
     "check_parameters",
     "check_timezone",
     "fire_times",
@@ -97,6 +99,16 @@ def check_cron(value: Any, *, where: str = "cron") -> str:
             "names (mon, jan); see `man 5 crontab`",
         )
     return expression
+
+
+def check_notebook(data: bytes, *, where: str) -> None:
+    """``data`` is a Jupyter notebook (a JSON object with a list of cells)."""
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ScheduleError(f"{where}: not a notebook (not JSON: {exc})") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("cells"), list):
+        raise ScheduleError(f"{where}: not a notebook (no list of cells)")
 
 
 def check_parameters(value: Any, *, where: str = "parameters") -> dict[str, Any]:

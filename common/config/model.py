@@ -227,6 +227,16 @@ def _check_http_url(url: str) -> str:
 
 HttpUrlText = Annotated[str, AfterValidator(_check_http_url), Expect("an http:// or https:// URL")]
 
+
+def _check_webhook(url: str) -> str:
+    if url and not re.match(r"https?://[^/\s]+", url):
+        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+    return url
+
+
+#: a webhook's address, or empty for none
+WebhookUrl = Annotated[str, AfterValidator(_check_webhook), Expect("an http(s):// URL or empty")]
+
 _ORIGIN_RE = re.compile(r"[\x21-\x2a\x2c-\x7e]+\Z")  # printable ASCII, no space, no "+"
 
 
@@ -1457,7 +1467,7 @@ class GpuMonitorConfig(_Model):
             'Example: `miner_patterns = ["mysteryminer"]`. Added in 0.5.'
         ),
     )
-    notify_url: str = Field(
+    notify_url: WebhookUrl = Field(
         default="",
         description=(
             "An http(s) URL each alert is POSTed to as an Alertmanager-style webhook "
@@ -1477,13 +1487,6 @@ class GpuMonitorConfig(_Model):
             except re.error as exc:
                 raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from exc
         return patterns
-
-    @field_validator("notify_url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if url and not re.match(r"https?://[^/\s]+", url):
-            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
-        return url
 
     @model_validator(mode="after")
     def _trace_for_replay(self) -> GpuMonitorConfig:
@@ -1687,7 +1690,7 @@ class RunsConfig(_Model):
             "Added in 0.6."
         ),
     )
-    notify_url: str = Field(
+    notify_url: WebhookUrl = Field(
         default="",
         description=(
             "Webhook that gets a JSON document for every run that fails, is refused or is "
@@ -1705,13 +1708,6 @@ class RunsConfig(_Model):
             '`notebook = "/srv/nb/train.ipynb"` and `cron = "0 2 * * *"`. Added in 0.6.'
         ),
     )
-
-    @field_validator("notify_url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if url and not re.match(r"https?://[^/\s]+", url):
-            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
-        return url
 
 
 class ComputeConfig(_Model):

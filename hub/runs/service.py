@@ -52,7 +52,7 @@ from ztlab.common.attest.provenance import Resource, RunProvenance, sign_run_pro
 from ztlab.common.attest.statement import Subject
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ZtlabError
-from ztlab.common.schedule import ScheduleError, ScheduleSpec, check_parameters
+from ztlab.common.schedule import ScheduleError, ScheduleSpec, check_notebook, check_parameters
 from ztlab.hub.policy import PolicyEngine, Principal
 from ztlab.hub.private import private_directory, write_private_file
 from ztlab.hub.runs.notebook import failed_cell
@@ -86,7 +86,8 @@ class RunHandle(Protocol):
 
     #: the run's cgroup
     cgroup: str
-    #: the environment it runs in: (name, lock digest), or ``None`` for the secure kernel
+    #: the environment it runs in: (name, ``sha256:HEX`` of its lock, or of the kernel
+    #: runtime for the secure kernel), ``None`` when unknown
     environment: tuple[str, str] | None
 
     def wait(self, timeout: float | None) -> int | None:
@@ -188,12 +189,7 @@ class RunService:
                 hint="clear the notebook's outputs, or ask an admin to raise "
                 "[runs] max_notebook_bytes",
             )
-        try:
-            document = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RunStoreError(f"{where} is not a notebook (not JSON: {exc})") from exc
-        if not isinstance(document, dict) or not isinstance(document.get("cells"), list):
-            raise RunStoreError(f"{where} is not a notebook (no list of cells)")
+        check_notebook(data, where=where)
         digest = hashlib.sha256(data).hexdigest()
         path = self.notebooks / f"{digest}.ipynb"
         if not path.exists():
@@ -798,7 +794,8 @@ class RunService:
         if handle is None or handle.environment is None:
             return None
         name, digest = handle.environment
-        return Resource(name=f"environment:{name}", digest={"sha256": digest})
+        algorithm, _, value = digest.partition(":")
+        return Resource(name=f"environment:{name}", digest={algorithm: value})
 
     def _fail(
         self,

@@ -83,7 +83,7 @@ class Handle:
     status: int
     notebook: bytes
     cgroup: str = "ztl-test-run"
-    environment: tuple[str, str] | None = ("base", "cd" * 32)
+    environment: tuple[str, str] | None = ("base", "sha256:" + "cd" * 32)
 
     def wait(self, timeout: float | None) -> int | None:
         return self.status

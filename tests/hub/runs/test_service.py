@@ -21,6 +21,7 @@ import pytest
 from ztlab.common.attest.dsse import Envelope, SignatureError
 from ztlab.common.attest.provenance import verify_run_provenance
 from ztlab.common.config import parse_config
+from ztlab.common.schedule import ScheduleError
 from ztlab.hub.keys import load_or_create_attestation_key
 from ztlab.hub.policy import PolicyEngine, Principal
 from ztlab.hub.runs import RunRefused, RunService, RunStoreError
@@ -228,7 +229,7 @@ def test_a_viewer_cannot_start_a_run_or_read_anothers(service: Any) -> None:
 
 def test_a_notebook_that_is_not_one_is_refused_before_it_is_kept(service: Any) -> None:
     runs, _ = service
-    with pytest.raises(RunStoreError, match="not a notebook"):
+    with pytest.raises(ScheduleError, match="not a notebook"):
         runs.submit(ALICE, notebook_name="t.ipynb", notebook=b"print(1)", parameters={})
     with pytest.raises(RunStoreError, match="parameter name"):
         runs.submit(ALICE, notebook_name="t.ipynb", notebook=notebook(), parameters={"a b": 1})
@@ -300,3 +301,47 @@ def test_a_failed_scheduled_run_is_retried_until_its_retries_are_spent(service: 
     assert done.status == "failed"
     runs.tick(now=time.time() + 1)
     assert sorted(r.attempt for r in runs.store.runs(schedule_id=schedule.id)) == [1, 2]
+
+
+def test_schedules_in_the_configuration_are_added_changed_and_removed_to_match(
+    tmp_path: Path,
+) -> None:
+    first = tmp_path / "retrain.ipynb"
+    first.write_bytes(notebook("print(1)"))
+    records: list[tuple[str, str, dict[str, Any]]] = []
+
+    def open_with(schedules: list[dict[str, Any]]) -> RunService:
+        config = parse_config(
+            {"state_dir": str(tmp_path / "state"), "runs": {"schedules": schedules}},
+            source="test",
+        )
+        runs = RunService(
+            config,
+            policy=PolicyEngine.defaults(),
+            record=lambda actor, action, **detail: records.append((actor, action, detail)),
+            key=load_or_create_attestation_key(tmp_path / "attest.key"),
+        )
+        runs.sync_configured()
+        return runs
+
+    nightly = {"name": "nightly", "owner": "alice", "notebook": str(first), "cron": "0 2 * * *"}
+    runs = open_with([nightly])
+    (added,) = runs.store.schedules()
+    assert (added.owner, added.name, added.source) == ("alice", "nightly", "config")
+    with pytest.raises(RunStoreError, match=r"ztlab\.toml"):
+        runs.remove_schedule(ALICE, "alice", "nightly")  # only the file removes it
+    runs.close()
+    first.write_bytes(notebook("print(2)"))  # the notebook changed: kept anew when reopened
+    runs = open_with([{**nightly, "timezone": "Europe/Berlin"}])
+    (changed,) = runs.store.schedules()
+    assert changed.id == added.id
+    assert changed.spec.timezone == "Europe/Berlin"
+    assert changed.notebook_sha256 != added.notebook_sha256
+    runs.close()
+    first.unlink()
+    runs = open_with([])
+    assert runs.store.schedules() == []
+    assert [a for _, a, _ in records].count("schedule.removed") == 1
+    runs.close()
+    with pytest.raises(RunStoreError, match="cannot read"):
+        open_with([nightly])  # a configured notebook that is gone stops the hub, naming it
