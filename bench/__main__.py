@@ -22,6 +22,7 @@ SUITES = [
     "packages",
     "pools",
     "monitor",
+    "runs",
 ]
 
 
