@@ -332,25 +332,39 @@ class RunService:
         )
         return cancelled
 
-    def get(self, principal: Principal, run_id: str) -> RunRecord:
-        """A run, for its owner or an admin."""
+    def _find(self, run_id: str) -> RunRecord:
         run = self.store.get(run_id)
         if run is None:
             raise RunStoreError(f"there is no run {run_id!r}", status=404)
-        self._may_manage(principal, run.owner)
         return run
 
+    def get(self, principal: Principal, run_id: str) -> RunRecord:
+        """A run, for its owner, an admin, or whoever the policy lets approve a model it
+        made (``approve_model``, with the run's owner as the trainer): an approver reads
+        the run behind the version they decide on."""
+        run = self._find(run_id)
+        if principal.name == run.owner or "admin" in principal.roles:
+            return run
+        for made in run.models:
+            name, _, version = made.rpartition("@")
+            resource = f"model:{name}@{version}"
+            context = {"trainer": run.owner}
+            if self.policy.authorize(principal, "approve_model", resource, context).allowed:
+                return run
+        raise RunRefused(
+            f"{run.owner}'s runs are theirs, admins', and the approvers' of the models they made"
+        )
+
     def cancel(self, principal: Principal, run_id: str, *, reason: str = "") -> RunRecord:
-        """Cancel a queued run, or stop an active one (it ends ``cancelled``)."""
-        run = self.get(principal, run_id)
+        """Cancel a queued run, or stop an active one (it ends ``cancelled``): its owner or
+        an admin."""
+        run = self._find(run_id)
+        self._may_manage(principal, run.owner)
         return self._cancel(run, actor=principal.name, reason=reason or "cancelled by its owner")
 
     def cancel_by_system(self, run_id: str, *, reason: str) -> None:
         """Stop a run as the control plane (the GPU monitor's ``stop_server`` response)."""
-        run = self.store.get(run_id)
-        if run is None:
-            raise RunStoreError(f"there is no run {run_id!r}", status=404)
-        self._cancel(run, actor=SCHEDULER, reason=reason)
+        self._cancel(self._find(run_id), actor=SCHEDULER, reason=reason)
 
     def _cancel(self, run: RunRecord, *, actor: str, reason: str) -> RunRecord:
         if run.status == "queued":
@@ -369,7 +383,7 @@ class RunService:
         return run
 
     def provenance(self, principal: Principal, run_id: str) -> bytes:
-        """The signed provenance envelope of a run (its owner, an admin)."""
+        """The signed provenance envelope of a run (for whoever may :meth:`get` it)."""
         run = self.get(principal, run_id)
         return self.envelope_of(run)
 
@@ -388,7 +402,7 @@ class RunService:
         return data
 
     def executed_notebook(self, principal: Principal, run_id: str) -> bytes:
-        """The executed notebook a run left (its owner, an admin)."""
+        """The executed notebook a run left (for whoever may :meth:`get` it)."""
         run = self.get(principal, run_id)
         path = self.outputs / run.id / "executed.ipynb"
         if not run.executed_sha256 or not path.is_file():

@@ -280,6 +280,7 @@ def test_a_schedule_trains_in_the_sandbox_and_an_approver_approves_after_its_pro
     shown = data.call("abe", "GET", "/models/churn/1").json()
     assert shown["provenance"]["verified"] is True, shown["provenance"]
     assert shown["provenance"]["run"]["id"] == run["id"]
+    assert data.ask("abe", "GET", f"/runs/{run['id']}").status_code == 200  # the run behind it
     approved = data.call("abe", "POST", "/models/churn/1/approve", {"reason": "provenance ok"})
     assert approved.status_code == 200, approved.text
     # offline, with the command line

@@ -227,6 +227,26 @@ def test_a_viewer_cannot_start_a_run_or_read_anothers(service: Any) -> None:
     assert runs.get(admin, run.id).id == run.id
 
 
+def test_an_approver_reads_a_run_that_made_a_model_to_approve_and_nothing_else(
+    service: Any,
+) -> None:
+    runs, _ = service
+    bob = Principal(name="bob", roles=frozenset({"approver"}))
+    vera = Principal(name="vera", roles=frozenset({"viewer"}))
+    plain = runs.submit(ALICE, notebook_name="t.ipynb", notebook=notebook(), parameters={})
+    trained = runs.submit(ALICE, notebook_name="t.ipynb", notebook=notebook(), parameters={})
+    runs.store.update(trained.id, expect=("queued",), models=["churn@1"])
+    assert runs.get(bob, trained.id).id == trained.id
+    with pytest.raises(RunRefused):
+        runs.get(bob, plain.id)  # it made no model bob decides on
+    with pytest.raises(RunRefused):
+        runs.get(vera, trained.id)
+    with pytest.raises(RunRefused):
+        runs.cancel(bob, trained.id)  # reading is not managing
+    alice_approver = Principal(name="alice", roles=frozenset({"approver"}))
+    assert runs.get(alice_approver, trained.id).owner == "alice"  # her own, as owner
+
+
 def test_a_notebook_that_is_not_one_is_refused_before_it_is_kept(service: Any) -> None:
     runs, _ = service
     with pytest.raises(ScheduleError, match="not a notebook"):
