@@ -39,23 +39,25 @@ import json
 import logging
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, Protocol
 
-from ztlab import __version__
 from ztlab.common.attest import PrivateKey, key_id
-from ztlab.common.attest.dsse import Envelope
-from ztlab.common.attest.provenance import Resource, RunProvenance, sign_run_provenance
-from ztlab.common.attest.statement import Subject
+from ztlab.common.attest.provenance import sign_run_provenance
 from ztlab.common.config import ZtlabConfig
 from ztlab.common.errors import ZtlabError
 from ztlab.common.schedule import ScheduleError, ScheduleSpec, check_notebook, check_parameters
 from ztlab.hub.policy import PolicyEngine, Principal
 from ztlab.hub.private import private_directory, write_private_file
+from ztlab.hub.runs.configured import sync_configured
 from ztlab.hub.runs.notebook import failed_cell
+from ztlab.hub.runs.notify import failure_document, post_json
+from ztlab.hub.runs.provenance import (
+    ModelProvenance,
+    collect_outputs,
+    model_provenance,
+    run_statement,
+)
 from ztlab.hub.runs.store import (
     ACTIVE,
     RunRecord,
@@ -114,25 +116,6 @@ class RunLauncher(Protocol):
     def end(self, run: RunRecord) -> None:
         """Kill what is left of ``run``, revoke its token, remove its folder (idempotent;
         works from the record alone, after a restart)."""
-
-
-@dataclass(frozen=True)
-class ModelProvenance:
-    """What the approvals page and ``ztlab model status`` show of a version's run."""
-
-    run: RunRecord
-    verified: bool
-    problem: str
-    statement: dict[str, Any]
-
-    def as_json(self) -> dict[str, Any]:
-        """For the API."""
-        return {
-            "run": self.run.as_json(),
-            "verified": self.verified,
-            "problem": self.problem,
-            "statement": self.statement,
-        }
 
 
 class RunService:
@@ -274,10 +257,11 @@ class RunService:
             source="api",
             created_by=principal.name,
         )
-        self._schedule_added(record, principal.name)
+        self.schedule_added(record, principal.name)
         return record
 
-    def _schedule_added(self, record: ScheduleRecord, actor: str) -> None:
+    def schedule_added(self, record: ScheduleRecord, actor: str) -> None:
+        """Record that ``record`` was added or changed (``schedule.added``)."""
         self.record(
             actor,
             "schedule.added",
@@ -411,30 +395,19 @@ class RunService:
 
     def provenance_of_model(self, name: str, version: str, run_id: str) -> ModelProvenance | None:
         """The provenance of the run that made MLflow run ``run_id`` (a model version's
-        run), verified now: signature, and that it names this version; ``None`` when the
-        version was not trained by a run."""
-        from ztlab.common.attest.dsse import SignatureError
-        from ztlab.common.attest.provenance import verify_run_provenance
-
+        run), verified now (:func:`~ztlab.hub.runs.provenance.model_provenance`); ``None``
+        when the version was not trained by a run."""
         run = self.store.run_of_mlflow(run_id) if run_id else None
         if run is None:
             return None
         try:
-            envelope = Envelope.from_dict(json.loads(self.envelope_of(run)))
-            checked = verify_run_provenance(envelope, {self.keyid: self.key.public_key()})
-        except (ZtlabError, SignatureError, ValueError) as exc:
-            message = getattr(exc, "message", str(exc))
-            return ModelProvenance(run=run, verified=False, problem=message, statement={})
-        statement = json.loads(envelope.payload)
-        wanted = f"models:/{name}/{version}"
-        if not any(s.name == wanted for s in checked.subjects):
-            return ModelProvenance(
-                run=run,
-                verified=False,
-                problem=f"run {run.id}'s provenance does not name {name} version {version}",
-                statement=statement,
-            )
-        return ModelProvenance(run=run, verified=True, problem="", statement=statement)
+            envelope: bytes | ZtlabError = self.envelope_of(run)
+        except ZtlabError as error:
+            envelope = error
+        return model_provenance(
+            run, envelope, name=name, version=version, keyid=self.keyid,
+            key=self.key.public_key(),
+        )  # fmt: skip
 
     def attach_mlflow_run(self, run_id: str, mlflow_run_id: str) -> None:
         """The hub saw run ``run_id``'s token create MLflow run ``mlflow_run_id``."""
@@ -444,55 +417,9 @@ class RunService:
     # -- schedules from ztlab.toml ---------------------------------------------------------
 
     def sync_configured(self) -> None:
-        """Make the schedules from ``[[runs.schedules]]`` match the file."""
-        wanted = {(s.owner, s.name): s for s in self.settings.schedules}
-        for record in self.store.schedules():
-            if record.source == "config" and (record.owner, record.name) not in wanted:
-                cancelled = self.store.remove_schedule(record)
-                self.record(
-                    SCHEDULER,
-                    "schedule.removed",
-                    schedule=record.name,
-                    owner=record.owner,
-                    cancelled=cancelled,
-                )
-        for (owner, name), configured in wanted.items():
-            where = f"runs.schedules {owner}/{name} notebook"
-            try:
-                data = configured.notebook.read_bytes()
-            except OSError as exc:
-                raise RunStoreError(
-                    f"{where}: cannot read {configured.notebook}: {exc.strerror}",
-                    hint="fix the path in ztlab.toml ([[runs.schedules]] notebook)",
-                ) from exc
-            digest = self.keep_notebook(data, where=f"{where} {configured.notebook}")
-            spec = configured.spec()
-            existing = self.store.schedule(owner, name)
-            if existing is not None and existing.source != "config":
-                raise RunStoreError(
-                    f"runs.schedules: {owner} has a schedule {name!r} of their own",
-                    hint="give the configured schedule another name",
-                )
-            if existing is None:
-                record = self.store.add_schedule(
-                    owner,
-                    spec,
-                    notebook_name=configured.notebook.name,
-                    notebook_sha256=digest,
-                    source="config",
-                    created_by=SCHEDULER,
-                    paused=configured.paused,
-                )
-                self._schedule_added(record, SCHEDULER)
-            elif existing.spec != spec or existing.notebook_sha256 != digest:
-                self.store.replace_schedule(
-                    existing, spec, notebook_name=configured.notebook.name, sha256=digest
-                )
-                changed = self.store.schedule(owner, name)
-                assert changed is not None
-                self._schedule_added(changed, SCHEDULER)
-            if existing is not None and existing.paused != configured.paused:
-                self.store.set_paused(existing, configured.paused)
+        """Make the schedules from ``[[runs.schedules]]`` match the file
+        (:mod:`ztlab.hub.runs.configured`)."""
+        sync_configured(self, actor=SCHEDULER)
 
     # -- the scheduler ----------------------------------------------------------------------
 
@@ -718,48 +645,18 @@ class RunService:
         if executed is None or executed_sha is None:
             raise RunStoreError("the run left no executed notebook (or one too large to keep)")
         mlflow_runs = self.store.mlflow_runs_of(run.id)
-        models: list[tuple[str, str, str]] = []
-        datasets: dict[str, dict[str, str]] = {}
-        if self.models is not None:
-            for mlflow_run in mlflow_runs:
-                for item in self.models.lineage_of_run(mlflow_run, run.owner):
-                    datasets[item["dataset"]] = item
-                for name, version in self.models.versions_of_run(mlflow_run):
-                    signature = self.models.signature(name, version)
-                    if signature is None:
-                        raise RunStoreError(
-                            f"the run registered {name} version {version}, which the control "
-                            "plane did not sign (see the model.sign.refused record)"
-                        )
-                    models.append((name, version, signature.digest))
-        finished = self.clock()
-        provenance = RunProvenance(
-            run_id=run.id,
-            owner=run.owner,
-            notebook=Resource(name=run.notebook_name, digest={"sha256": run.notebook_sha256}),
-            parameters=dict(run.parameters),
+        outputs = collect_outputs(self.models, mlflow_runs, run.owner)
+        with self._lock:
+            handle = self._handles.get(run.id)
+        provenance, subjects = run_statement(
+            run,
+            executed_sha=executed_sha,
+            outputs=outputs,
+            environment=handle.environment if handle is not None else None,
             builder_id=self.config.public_url("/hub/ztlab/runs"),
-            builder_version=__version__,
-            started_on=utc_iso(run.started_at or finished),
-            finished_on=utc_iso(finished),
-            datasets=tuple(
-                Resource(name=f"dataset:{ref}", digest={item["algorithm"]: item["root"]})
-                for ref, item in sorted(datasets.items())
-            ),
-            environment=self._environment_resource(run),
-            git_commit=run.git_commit,
-            schedule=run.schedule_name,
-            pool=run.pool,
-            gpus=run.gpus,
-            byproducts=(Resource(name="executed.ipynb", digest={"sha256": executed_sha}),),
+            finished=self.clock(),
         )
-        subjects = [Subject(name="executed.ipynb", digest={"sha256": executed_sha})]
-        subjects += [
-            Subject(name=f"models:/{name}/{version}", digest={"sha256": digest})
-            for name, version, digest in models
-        ]
-        envelope = sign_run_provenance(provenance, subjects, self.key)
-        text = envelope.to_json().encode()
+        text = sign_run_provenance(provenance, subjects, self.key).to_json().encode()
         provenance_sha = hashlib.sha256(text).hexdigest()
         folder = private_directory(self.outputs / run.id, what="run output folder")
         write_private_file(folder / "provenance.dsse.json", text)
@@ -779,8 +676,10 @@ class RunService:
             message="every cell ran",
             executed_sha256=executed_sha,
             provenance_sha256=provenance_sha,
-            models=[f"{n}@{v}" for n, v, _ in models],
-            datasets=[{"dataset": k, "root": v["root"]} for k, v in sorted(datasets.items())],
+            models=[f"{n}@{v}" for n, v, _ in outputs.models],
+            datasets=[
+                {"dataset": k, "root": v["root"]} for k, v in sorted(outputs.datasets.items())
+            ],
         )
         assert done is not None
         self._audit_run(
@@ -801,15 +700,6 @@ class RunService:
             models=list(done.models),
             datasets=[dict(d) for d in done.datasets],
         )
-
-    def _environment_resource(self, run: RunRecord) -> Resource | None:
-        with self._lock:
-            handle = self._handles.get(run.id)
-        if handle is None or handle.environment is None:
-            return None
-        name, digest = handle.environment
-        algorithm, _, value = digest.partition(":")
-        return Resource(name=f"environment:{name}", digest={algorithm: value})
 
     def _fail(
         self,
@@ -904,38 +794,6 @@ class RunService:
 
     def _notify(self, run: RunRecord) -> None:
         """Tell the owner's webhook (``[runs] notify_url``) that a run did not succeed."""
-        url = self.settings.notify_url
-        if not url:
-            return
-        body = json.dumps(
-            {
-                "kind": "ztlab.run",
-                "status": run.status,
-                "run": run.id,
-                "owner": run.owner,
-                "schedule": run.schedule_name,
-                "attempt": run.attempt,
-                "message": run.message,
-                "failed_cell": run.failed_cell,
-                "url": self.config.public_url(f"/hub/ztlab/runs/{run.id}"),
-            }
-        ).encode()
-
-        def post() -> None:
-            for attempt in range(3):
-                try:
-                    request = urllib.request.Request(  # noqa: S310 - an admin's http(s) URL
-                        url, data=body, headers={"Content-Type": "application/json"}
-                    )
-                    with urllib.request.urlopen(request, timeout=5):  # noqa: S310
-                        return
-                except OSError as exc:
-                    _log.warning("run webhook %s: attempt %d failed: %s", url, attempt + 1, exc)
-                    time.sleep(2**attempt)
-
-        threading.Thread(target=post, name="ztlab-run-notify", daemon=True).start()
-
-
-def notebook_path_name(name: str) -> str:
-    """A notebook's file name as a run shows it (no folders)."""
-    return Path(name).name or "notebook.ipynb"
+        if self.settings.notify_url:
+            page = self.config.public_url(f"/hub/ztlab/runs/{run.id}")
+            post_json(self.settings.notify_url, failure_document(run, page=page))

@@ -365,3 +365,59 @@ def test_schedules_in_the_configuration_are_added_changed_and_removed_to_match(
     runs.close()
     with pytest.raises(RunStoreError, match="cannot read"):
         open_with([nightly])  # a configured notebook that is gone stops the hub, naming it
+
+
+def test_a_failed_run_is_posted_to_the_owners_webhook(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    received: list[dict[str, Any]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = parse_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "runs": {"notify_url": f"http://127.0.0.1:{server.server_port}/hook"},
+        },
+        source="test",
+    )
+    runs = RunService(
+        config,
+        policy=PolicyEngine.defaults(),
+        record=lambda *args, **detail: None,
+        key=load_or_create_attestation_key(tmp_path / "attest.key"),
+    )
+    runs.vouch = lambda owner: ALICE
+    runs.launcher = UnsandboxedLauncher(tmp_path / "folders")
+    try:
+        data = notebook("raise KeyError('label')")
+        done = _run(runs, runs.submit(ALICE, notebook_name="t.ipynb", notebook=data, parameters={}))
+        deadline = time.monotonic() + 30
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert received == [
+            {
+                "kind": "ztlab.run",
+                "status": "failed",
+                "run": done.id,
+                "owner": "alice",
+                "schedule": None,
+                "attempt": 1,
+                "message": done.message,
+                "failed_cell": 1,
+                "url": f"http://127.0.0.1:8000/hub/ztlab/runs/{done.id}",
+            }
+        ]
+    finally:
+        runs.close()
+        server.shutdown()
