@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import pwd
 import shutil
 import signal
 import subprocess
@@ -322,6 +323,71 @@ def test_a_failing_cell_fails_the_run_and_withdraws_its_model(runs_stack: RunsSt
     )
     assert gone.status_code == 404
     assert data.ask("rita", "GET", f"/runs/{run['id']}/provenance").status_code == 404
+
+
+STEAL = (
+    "import os, ssl, urllib.error, urllib.request\n"
+    "token = os.environ['JUPYTERHUB_API_TOKEN']\n"
+    "open(os.path.expanduser('~/stolen-run-token'), 'w').write(token)\n"
+    "tls = ssl.create_default_context(cafile=os.environ['JUPYTERHUB_SSL_CLIENT_CA'])\n"
+    "env = os.environ\n"
+    "tls.load_cert_chain(env['JUPYTERHUB_SSL_CERTFILE'], env['JUPYTERHUB_SSL_KEYFILE'])\n"
+    "def status(method, path):\n"
+    "    request = urllib.request.Request(\n"
+    "        os.environ['JUPYTERHUB_API_URL'] + path, method=method,\n"
+    "        data=b'{}' if method == 'POST' else None,\n"
+    "        headers={'Authorization': f'token {token}', 'Content-Type': 'application/json'})\n"
+    "    try:\n"
+    "        return urllib.request.urlopen(request, context=tls).status\n"
+    "    except urllib.error.HTTPError as error:\n"
+    "        return error.code\n"
+    "print('make-token', status('POST', '/users/rita/tokens'))\n"
+    "print('start-server', status('POST', '/users/rita/server'))\n"
+    "print('own-runs', status('GET', '/ztlab/runs'))"
+)
+
+
+def test_a_runs_token_is_for_the_run_only_and_dies_with_it(runs_stack: RunsStack) -> None:
+    data = runs_stack
+    run = data.wait_run(data.submit("rita", notebook(STEAL))["id"])
+    assert run["status"] == "succeeded", run
+    executed = data.ask("rita", "GET", f"/runs/{run['id']}/notebook").text
+    assert "make-token 403" in executed  # nothing of JupyterHub's: no token, no server
+    assert "start-server 403" in executed
+    assert "own-runs 200" in executed  # the control plane's API, as rita (policy applies)
+    home = Path(pwd.getpwnam("ztl-rita").pw_dir)
+    stolen = (home / "stolen-run-token").read_text()
+    replayed = requests.get(
+        f"{data.api_url}/runs", headers={"Authorization": f"token {stolen}"}, timeout=30
+    )
+    assert replayed.status_code == 403  # revoked when the run ended
+
+
+def test_users_cannot_forge_the_tags_that_tie_mlflow_runs_to_runs(runs_stack: RunsStack) -> None:
+    data = runs_stack
+    forged_run = data.runs_of("nightly")[-1]["id"]
+    created = data.call(
+        "rita",
+        "POST",
+        "/mlflow/api/2.0/mlflow/runs/create",
+        {"experiment_id": "0", "tags": [{"key": "ztlab.run", "value": forged_run}]},
+    )
+    assert created.status_code == 200, created.text
+    mlflow_run = created.json()["run"]["info"]["run_id"]
+    tags = {
+        t["key"]: t["value"]
+        for t in data.call("rita", "GET", f"/mlflow/api/2.0/mlflow/runs/get?run_id={mlflow_run}")
+        .json()["run"]["data"]
+        .get("tags", [])
+    }
+    assert "ztlab.run" not in tags  # only a run's own token gets one
+    for path, body in (
+        ("runs/set-tag", {"run_id": mlflow_run, "key": "ztlab.provenance", "value": "sha256:0"}),
+        ("runs/log-batch", {"run_id": mlflow_run, "tags": [{"key": "ztlab.run", "value": "x"}]}),
+        ("runs/delete-tag", {"run_id": mlflow_run, "key": "ztlab.run"}),
+    ):
+        refused = data.call("rita", "POST", f"/mlflow/api/2.0/mlflow/{path}", body)
+        assert refused.status_code == 403, (path, refused.text)
 
 
 def test_a_tampered_dataset_fails_the_run(runs_stack: RunsStack) -> None:
