@@ -104,6 +104,10 @@ class RunHandle(Protocol):
     def said(self) -> str:
         """The runner's last words (its log's last ``ztlab run:`` line), for a failure."""
 
+    def memory_exceeded(self) -> int | None:
+        """The run's memory limit (bytes) when it killed one of its processes, else
+        ``None`` (asked before the sandbox ends)."""
+
 
 class RunLauncher(Protocol):
     """Starts runs in sandboxes (the hub's: :class:`~ztlab.hub.spawner.runs.SandboxRunLauncher`)."""
@@ -598,6 +602,7 @@ class RunService:
         """Copy out, end, then judge the run (module docstring, step 5)."""
         self.store.update(run.id, expect=("running", "starting"), status="finishing")
         executed = handle.executed(self.settings.max_notebook_bytes)
+        memory = handle.memory_exceeded()
         executed_sha = None
         if executed is not None:
             folder = private_directory(self.outputs / run.id, what="run output folder")
@@ -626,6 +631,11 @@ class RunService:
         failure = failed_cell(executed) if executed is not None else None
         if timed_out:
             reason = f"it ran past [runs] max_hours ({self.settings.max_hours} h) and was stopped"
+        elif memory is not None:  # the kernel killed: papermill saw a dead kernel, or a cell
+            reason = (
+                f"it was stopped by its memory limit ({memory // 2**20} MiB, the owner's "
+                "role's quota)"
+            )
         elif failure is not None:
             reason = f"cell {failure.index} raised {failure.error}"
         elif status == 4:

@@ -90,6 +90,9 @@ class SandboxedRun:
     cgroup: str
     environment: tuple[str, str] | None
     log: Path
+    #: the cgroup's memory limit (bytes) and its OOM kills before the run started
+    memory: int = 0
+    oom_kills: int = 0
 
     def wait(self, timeout: float | None) -> int | None:
         """The exit status of the run's process, or ``None`` after ``timeout``."""
@@ -109,6 +112,11 @@ class SandboxedRun:
     def said(self) -> str:
         """The last ``ztlab run:`` line of the run's log (the control plane's file)."""
         return last_words(self.log)
+
+    def memory_exceeded(self) -> int | None:
+        """The memory limit, when the cgroup killed a process of the run for it."""
+        killed = self.cgroup_handle.oom_kills() > self.oom_kills
+        return self.memory if killed else None
 
 
 class SandboxRunLauncher:
@@ -166,8 +174,10 @@ class SandboxRunLauncher:
         minors = list(lease.minors) if lease is not None else []
         devices = base_device_rules() + (gpu_device_rules(minors) if minors else [])
         name = self.cgroup_name(spawner.account, run)
-        cgroup = sandbox.cgroups.create(name, limits=spawner.limits_for(roles), devices=devices)
+        limits = spawner.limits_for(roles)
+        cgroup = sandbox.cgroups.create(name, limits=limits, devices=devices)
         cgroup.kill_all()
+        oom_kills = cgroup.oom_kills()
         netns = sandbox.segments.create(run.owner)
         service_ip = sandbox.segments.service_ip
         sandbox.segments.allow(netns, dest=service_ip, port=config.hub.api_port)
@@ -224,6 +234,7 @@ class SandboxRunLauncher:
         return SandboxedRun(
             process=process, cgroup_handle=cgroup, folder=folder, cgroup=name,
             environment=environment, log=self.log_dir / f"{run.id}.log",
+            memory=limits.memory_bytes, oom_kills=oom_kills,
         )  # fmt: skip
 
     def _folder(self, run: RunRecord, entry: Any, notebook: bytes, issued: RunCredentials) -> Path:

@@ -94,6 +94,12 @@ class Handle:
     def executed(self, limit: int) -> bytes | None:
         return self.notebook
 
+    def said(self) -> str:
+        return ""
+
+    def memory_exceeded(self) -> int | None:
+        return None
+
 
 @dataclass
 class Launcher:

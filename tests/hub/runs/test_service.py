@@ -70,6 +70,12 @@ class UnsandboxedRun:
     def said(self) -> str:
         return ""
 
+    def memory_exceeded(self) -> int | None:
+        return self.memory
+
+    #: what memory_exceeded says (the test sets it: no cgroup here)
+    memory: int | None = None
+
 
 class UnsandboxedLauncher:
     """Starts ``ztlab.kernels.run`` for a run as a child of the test, kernel ``python3``."""
@@ -78,6 +84,8 @@ class UnsandboxedLauncher:
         self.root = root
         self.started: list[str] = []
         self.ended: list[str] = []
+        #: what the runs' handles say of their memory limit (set by a test)
+        self.memory_exceeded: int | None = None
 
     def start(
         self, run: RunRecord, principal: Principal, lease: Any, notebook: bytes, *, seconds: float
@@ -93,7 +101,9 @@ class UnsandboxedLauncher:
             stderr=subprocess.DEVNULL,
         )
         self.started.append(run.id)
-        return UnsandboxedRun(process, folder)
+        handle = UnsandboxedRun(process, folder)
+        handle.memory = self.memory_exceeded
+        return handle
 
     def end(self, run: RunRecord) -> None:
         self.ended.append(run.id)
@@ -421,3 +431,65 @@ def test_a_failed_run_is_posted_to_the_owners_webhook(tmp_path: Path) -> None:
     finally:
         runs.close()
         server.shutdown()
+
+
+def _service(tmp_path: Path, **settings: Any) -> RunService:
+    config = parse_config(
+        {"state_dir": str(tmp_path / "state"), "runs": {"tick_seconds": 0.2, **settings}},
+        source="test",
+    )
+    runs = RunService(
+        config,
+        policy=PolicyEngine.defaults(),
+        record=lambda *args, **detail: None,
+        key=load_or_create_attestation_key(tmp_path / "attest.key"),
+    )
+    runs.vouch = lambda owner: ALICE
+    runs.launcher = UnsandboxedLauncher(tmp_path / "folders")
+    return runs
+
+
+def test_a_run_past_its_time_is_stopped_and_fails_saying_so(tmp_path: Path) -> None:
+    runs = _service(tmp_path, max_hours=0.001)  # 3.6 s
+    try:
+        data = notebook("import time; time.sleep(120)")
+        started = time.monotonic()
+        done = _run(runs, runs.submit(ALICE, notebook_name="t.ipynb", notebook=data, parameters={}))
+        assert done.status == "failed"
+        assert "ran past [runs] max_hours (0.001 h)" in done.message
+        assert time.monotonic() - started < 60
+    finally:
+        runs.close()
+
+
+def test_one_user_runs_at_most_max_active_at_once(tmp_path: Path) -> None:
+    runs = _service(tmp_path, max_active_per_user=1)
+    try:
+        slow = notebook("import time; time.sleep(3)")
+        first = runs.submit(ALICE, notebook_name="t.ipynb", notebook=slow, parameters={})
+        second = runs.submit(ALICE, notebook_name="t.ipynb", notebook=slow, parameters={})
+        assert runs.tick() == [first.id]
+        assert runs.tick() == []  # the second waits for the first
+        runs.wait(first.id, timeout=120)
+        assert runs.tick() == [second.id]
+        done = runs.wait(second.id, timeout=120)
+        assert done is not None
+        assert done.status == "succeeded"
+        first_done = runs.store.get(first.id)
+        assert first_done is not None
+        assert done.started_at is not None
+        assert done.started_at >= (first_done.finished_at or 0)
+    finally:
+        runs.close()
+
+
+def test_a_run_its_memory_limit_stopped_says_so(tmp_path: Path) -> None:
+    runs = _service(tmp_path)
+    runs.launcher.memory_exceeded = 512 * 2**20  # type: ignore[union-attr]
+    try:
+        data = notebook("raise MemoryError()")
+        done = _run(runs, runs.submit(ALICE, notebook_name="t.ipynb", notebook=data, parameters={}))
+        assert done.status == "failed"
+        assert "stopped by its memory limit (512 MiB" in done.message
+    finally:
+        runs.close()
