@@ -26,6 +26,7 @@ import requests
 
 from tests.dataset_fixtures import add_tables
 from tests.hub.test_datasets_e2e import DataStack, _user
+from tests.hub.test_monitor_e2e import GPU0, GPU1, _device
 from tests.hubstack import nvidia_nodes, remove_accounts, running_stack
 from ztlab.common.attest.dsse import Envelope, SignatureError
 from ztlab.common.attest.provenance import verify_run_provenance
@@ -69,6 +70,10 @@ def notebook(*cells: str, parameters: str = "C = 1.0\nmodel_name = 'churn'") -> 
 
 class RunsStack(DataStack):
     """The hub, with helpers for runs."""
+
+    def __init__(self, stack: Any, store: Path, trace: Path) -> None:
+        super().__init__(stack, store)
+        self.trace = trace
 
     def ask(self, user: str, method: str, path: str, body: Any = None) -> requests.Response:
         return requests.request(
@@ -139,6 +144,27 @@ class RunsStack(DataStack):
         return bool(model.get("servers"))
 
 
+def replay(trace: Path, processes: dict[str, list[dict[str, Any]]]) -> None:
+    """The GPU monitor's readings from now on: GPUs 0 and 1 with ``processes`` on them."""
+    document = {
+        "format": "ztlab-nvml-trace/1",
+        "devices": [_device(0, GPU0), _device(1, GPU1)],
+        "snapshots": [
+            {
+                "t": 0,
+                "processes": processes,
+                "utilization": {
+                    uuid: {"gpu": 95 if processes.get(uuid) else 0, "memory": 30}
+                    for uuid in (GPU0, GPU1)
+                },
+            }
+        ],
+    }
+    temporary = trace.with_suffix(".tmp")
+    temporary.write_text(json.dumps(document), encoding="utf-8")
+    temporary.replace(trace)
+
+
 def cgroup_procs(name: str) -> list[int]:
     cgroup = CgroupManager.detect(parent="ztlab").get(name)
     return sorted(cgroup.procs()) if cgroup is not None else []
@@ -147,6 +173,8 @@ def cgroup_procs(name: str) -> list[int]:
 @pytest.fixture(scope="module")
 def runs_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunsStack]:
     root = tmp_path_factory.mktemp("runs-stack")
+    trace = root / "trace.json"
+    replay(trace, {})
     # the dataset lives where rita's account reaches it through her sandbox's mount
     store = Path(tempfile.mkdtemp(prefix="ztlab-runs-data-"))
     (store / "iris" / "1").mkdir(parents=True)
@@ -167,7 +195,9 @@ gpus = ["0", "1"]
 roles = ["trainer"]
 
 [gpu.monitor]
-source = "off"
+source = "replay"
+trace = "{trace}"
+interval_seconds = 0.5
 
 [datasets]
 storage_roots = ["{store}"]
@@ -187,7 +217,7 @@ tick_seconds = 0.5
                 models=True,
             ) as stack,
         ):
-            data = RunsStack(stack, store)
+            data = RunsStack(stack, store, trace)
             deadline = time.monotonic() + 90
             while data.call("rita", "GET", "/mlflow/health").status_code != 200:
                 assert time.monotonic() < deadline, stack.hub_log.read_text()[-3000:]
@@ -479,6 +509,29 @@ def test_a_hub_killed_mid_run_interrupts_it_and_the_retry_runs_alone(
     executed = data.ask("rita", "GET", f"/runs/{retry['id']}/notebook").content
     assert b"first = False" in executed
     assert [d for d in stack.details("run.interrupted") if d["run"] == first["id"]]
+
+
+def test_the_gpu_monitor_stops_a_run_on_a_gpu_it_holds_no_lease_for(
+    runs_stack: RunsStack,
+) -> None:
+    data, stack = runs_stack, runs_stack.stack
+    submitted = data.submit("rita", notebook("import time; time.sleep(300)"))
+    run = data.wait_run(submitted["id"], statuses=("running",), timeout=120)
+    cgroup = f"ztl-rita-run-{run['id']}"
+    deadline = time.monotonic() + 60
+    while not cgroup_procs(cgroup) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    since = stack.audit_size()
+    replay(data.trace, {GPU0: [{"pid": cgroup_procs(cgroup)[0], "used_memory": 1 << 30, "sm": 99}]})
+    try:
+        done = data.wait_run(run["id"], timeout=120)
+    finally:
+        replay(data.trace, {})
+    assert done["status"] == "cancelled", done
+    assert "GPU monitor" in done["message"]
+    alert = next(a for a in stack.details("gpu.alert", since) if a["kind"] == "unleased_process")
+    assert (alert["user"], alert["server"]) == ("rita", f"run-{run['id']}")
+    assert cgroup_procs(cgroup) == []
 
 
 def test_history_lists_runs_with_status_and_links(runs_stack: RunsStack) -> None:
