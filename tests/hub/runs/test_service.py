@@ -394,21 +394,7 @@ def test_a_failed_run_is_posted_to_the_owners_webhook(tmp_path: Path) -> None:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    config = parse_config(
-        {
-            "state_dir": str(tmp_path / "state"),
-            "runs": {"notify_url": f"http://127.0.0.1:{server.server_port}/hook"},
-        },
-        source="test",
-    )
-    runs = RunService(
-        config,
-        policy=PolicyEngine.defaults(),
-        record=lambda *args, **detail: None,
-        key=load_or_create_attestation_key(tmp_path / "attest.key"),
-    )
-    runs.vouch = lambda owner: ALICE
-    runs.launcher = UnsandboxedLauncher(tmp_path / "folders")
+    runs = _service(tmp_path, notify_url=f"http://127.0.0.1:{server.server_port}/hook")
     try:
         data = notebook("raise KeyError('label')")
         done = _run(runs, runs.submit(ALICE, notebook_name="t.ipynb", notebook=data, parameters={}))
