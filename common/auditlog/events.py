@@ -674,8 +674,8 @@ _TYPES: tuple[EventType, ...] = (
     ),
     EventType(
         "run.refused",
-        "A run did not start: the policy (``run_schedule``), the identity provider (account "
-        "disabled) or a quota said no.",
+        "A run did not start: the policy (``run_schedule``) or the identity provider (account "
+        "disabled, no role left) said no; it is not retried.",
         "``ztlab-scheduler``",
         {**_RUN, "reason": "the refusal, as its owner sees it"},
         optional=frozenset({"schedule"}),
@@ -708,8 +708,9 @@ _TYPES: tuple[EventType, ...] = (
     ),
     EventType(
         "run.failed",
-        "A run failed: a cell raised, its sandbox could not start, or it ran too long; "
-        "models it registered were withdrawn.",
+        "A run failed: no GPU for it (quota, full pool), its sandbox could not start, a cell "
+        "raised, its memory limit stopped it, or it ran too long; models it registered were "
+        "withdrawn.",
         "``ztlab-scheduler``",
         {
             **_RUN,

@@ -13,7 +13,8 @@ One SQLite file (``STATE_DIR/runs/runs.sqlite``, a
   :meth:`RunStore.interrupt`-ed when the next one opens, before anything else starts.
 
 Statuses: ``queued`` -> ``starting`` -> ``running`` -> ``finishing`` -> ``succeeded`` or
-``failed``; ``refused`` (the policy, the account or a quota said no before it ran),
+``failed`` (a GPU quota refusal fails a run); ``refused`` (the policy or the identity
+provider said no before it ran),
 ``skipped`` (its schedule's previous run still ran), ``missed`` (fired while the scheduler
 was down, and the schedule's ``missed`` policy left it), ``interrupted`` (its scheduler
 died), ``cancelled``.
