@@ -100,19 +100,20 @@ class LocalComputeBackend(ComputeBackend):
         """Write the credentials, start the scheduler, wait for it, start the workers."""
         from ztlab.hub.sandbox.bwrap import DEFAULT_READONLY_PATHS, SandboxSpec
         from ztlab.hub.sandbox.cgroups import Limits, gpu_device_rules
-        from ztlab.hub.sandbox.launch import readonly_paths, sandbox_tools, start_sandboxed
+        from ztlab.hub.sandbox.launch import (
+            gpu_device_nodes,
+            hidden_from_users,
+            readonly_paths,
+            sandbox_tools,
+            start_sandboxed,
+        )
 
         account = str(request.spec.get("account") or "")
         entry = pwd.getpwnam(account)
         netns = self.segments.create(request.owner)  # idempotent: her server's namespace
         directory = self._write_directory(request, entry, host=netns.sandbox_ip)
         tools = sandbox_tools(self.config.sandbox.bwrap)
-        hidden = [
-            self.config.state_dir,
-            Path("/etc/ztlab"),
-            Path("/sys/fs/cgroup"),
-            self.config.environments.root,
-        ]
+        hidden = hidden_from_users(self.config)
         self.segments.allow_ingress(netns, port=request.port)
         self.segments.allow_ingress(netns, port=request.dashboard_port)
         python = str(Path(sys.executable))
@@ -142,16 +143,7 @@ class LocalComputeBackend(ComputeBackend):
             if gpu_minor is not None:
                 env["CUDA_VISIBLE_DEVICES"] = request.cuda_ids[worker]
                 env["ZTLAB_GPU_POOL"] = request.pool
-                nodes = [
-                    p
-                    for p in (
-                        Path(f"/dev/nvidia{gpu_minor}"),
-                        Path("/dev/nvidiactl"),
-                        Path("/dev/nvidia-uvm"),
-                        Path("/dev/nvidia-uvm-tools"),
-                    )
-                    if p.exists()
-                ]
+                nodes = gpu_device_nodes([gpu_minor])
             spec = SandboxSpec(
                 uid=entry.pw_uid,
                 gid=entry.pw_gid,

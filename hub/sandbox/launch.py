@@ -21,6 +21,7 @@ from ztlab.hub.private import private_directory
 from ztlab.hub.sandbox.bwrap import SandboxError, env_file_content, sandbox_argv
 
 if TYPE_CHECKING:
+    from ztlab.common.config import ZtlabConfig
     from ztlab.hub.sandbox.bwrap import SandboxSpec
     from ztlab.hub.sandbox.cgroups import UserCgroup
 
@@ -40,6 +41,35 @@ def sandbox_tools(bwrap: str) -> dict[str, str]:
             )
         found[name] = path
     return found
+
+
+#: what the NVIDIA driver needs besides each GPU's own node (given with any GPU)
+NVIDIA_SHARED_NODES = (
+    Path("/dev/nvidiactl"),
+    Path("/dev/nvidia-uvm"),
+    Path("/dev/nvidia-uvm-tools"),
+)
+
+
+def gpu_device_nodes(minors: Sequence[int]) -> list[Path]:
+    """The device nodes a sandbox with the GPUs ``minors`` is given: ``/dev/nvidiaN`` for
+    each and the driver's shared nodes (none without a GPU), those that exist."""
+    if not minors:
+        return []
+    wanted = [Path(f"/dev/nvidia{minor}") for minor in minors] + list(NVIDIA_SHARED_NODES)
+    return [path for path in wanted if path.exists()]
+
+
+def hidden_from_users(config: ZtlabConfig) -> list[Path]:
+    """What no user's sandbox sees: the control plane's state, its configuration, the
+    cgroup tree (other users' names, processes and usage) and the environments' root (the
+    granted builds are bound over it)."""
+    return [
+        config.state_dir,
+        Path("/etc/ztlab"),
+        Path("/sys/fs/cgroup"),
+        config.environments.root,
+    ]
 
 
 def readonly_paths(system: Sequence[Path]) -> tuple[Path, ...]:

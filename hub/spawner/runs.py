@@ -41,6 +41,7 @@ from ztlab.hub.spawner.dedicated import mlflow_env
 from ztlab.hub.spawner.sandbox import (
     default_environment,
     environment_variables,
+    lease_environment,
     package_environment,
 )
 from ztlab.hub.spawner.serverenv import server_environment
@@ -161,7 +162,13 @@ class SandboxRunLauncher:
         """Make the run's sandbox and start papermill in it (module docstring)."""
         from ztlab.hub.sandbox.bwrap import DEFAULT_READONLY_PATHS, SandboxSpec
         from ztlab.hub.sandbox.cgroups import base_device_rules, gpu_device_rules
-        from ztlab.hub.sandbox.launch import readonly_paths, sandbox_tools, start_sandboxed
+        from ztlab.hub.sandbox.launch import (
+            gpu_device_nodes,
+            hidden_from_users,
+            readonly_paths,
+            sandbox_tools,
+            start_sandboxed,
+        )
 
         plane = self.plane
         config = plane.config
@@ -199,8 +206,6 @@ class SandboxRunLauncher:
             env.update(environment_variables(environments, home, env["PATH"]))
             command = [python, "-I", "-m", "ztlab.kernels.layers", "--", *command]
         self._write_request(folder, run, kernel, home, entry)
-        gpu_nodes = [Path(f"/dev/nvidia{m}") for m in minors]
-        extra = [Path("/dev/nvidiactl"), Path("/dev/nvidia-uvm"), Path("/dev/nvidia-uvm-tools")]
         spec = SandboxSpec(
             uid=entry.pw_uid,
             gid=entry.pw_gid,
@@ -208,15 +213,10 @@ class SandboxRunLauncher:
             datasets=spawner.granted_datasets(roles),
             binds={str(usable.path): usable.path for usable in environments},
             writable={FOLDER_INSIDE: folder},
-            devices=[p for p in gpu_nodes + (extra if minors else []) if p.exists()],
+            devices=gpu_device_nodes(minors),
             readonly_paths=readonly_paths(DEFAULT_READONLY_PATHS),
-            hidden=[
-                config.state_dir,
-                Path("/etc/ztlab"),
-                Path("/sys/fs/cgroup"),
-                config.environments.root,
-                self.run_dir,  # other runs' folders (its own is bound over it)
-            ],
+            # and other runs' folders (its own is bound over them)
+            hidden=[*hidden_from_users(config), self.run_dir],
             hostname=f"run-{run.id}",
         )
         try:
@@ -300,9 +300,7 @@ class SandboxRunLauncher:
         if plane.mirror is not None:
             env.update(package_environment(service_ip, config.packages.port))
         if lease is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(plane.inventory.cuda_id, lease.gpus))
-            env["ZTLAB_GPU_LEASE"] = lease.id
-            env["ZTLAB_GPU_POOL"] = lease.pool
+            env.update(lease_environment(plane.inventory, lease))
         return env
 
     def end(self, run: RunRecord) -> None:

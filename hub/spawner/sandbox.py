@@ -257,7 +257,7 @@ class SandboxSpawner(DedicatedUserSpawner):
         """The cgroup, network namespace and bubblewrap command of the server (a thread)."""
         from ztlab.hub.sandbox.bwrap import DEFAULT_READONLY_PATHS, SandboxSpec
         from ztlab.hub.sandbox.cgroups import base_device_rules, gpu_device_rules
-        from ztlab.hub.sandbox.launch import readonly_paths
+        from ztlab.hub.sandbox.launch import gpu_device_nodes, hidden_from_users, readonly_paths
 
         plane = self.plane
         config = plane.config
@@ -287,10 +287,7 @@ class SandboxSpawner(DedicatedUserSpawner):
         env["JUPYTERHUB_API_URL"] = f"{scheme}://{sandbox.segments.service_ip}:{api_port}/hub/api"
         env["PATH"] = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
         if lease is not None:
-            assert plane.inventory is not None  # leases are granted from the inventory
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(plane.inventory.cuda_id, lease.gpus))
-            env["ZTLAB_GPU_LEASE"] = lease.id
-            env["ZTLAB_GPU_POOL"] = lease.pool
+            env.update(lease_environment(plane.inventory, lease))
         if "MLFLOW_TRACKING_URI" in env:
             mlflow_env(env)  # the API URL changed to the service address
         env["ZTLAB_DATASETS_MOUNT"] = "/datasets"  # registered versions at /datasets/NAME@VERSION
@@ -304,24 +301,15 @@ class SandboxSpawner(DedicatedUserSpawner):
         if environments:
             env.update(environment_variables(environments, Path(entry.pw_dir), env["PATH"]))
             command = environment_command(environments, command)
-        gpu_nodes = [Path(f"/dev/nvidia{m}") for m in minors]
-        extra = [Path("/dev/nvidiactl"), Path("/dev/nvidia-uvm"), Path("/dev/nvidia-uvm-tools")]
-        device_binds = [p for p in gpu_nodes + (extra if minors else []) if p.exists()]
         spec = SandboxSpec(
             uid=entry.pw_uid,
             gid=entry.pw_gid,
             home=Path(entry.pw_dir),
             datasets=self.granted_datasets(roles),
             binds={str(usable.path): usable.path for usable in environments},
-            devices=device_binds,
+            devices=gpu_device_nodes(minors),
             readonly_paths=readonly_paths(DEFAULT_READONLY_PATHS),
-            # other users' cgroups (names, pids, usage) are not the sandbox's business
-            hidden=[
-                config.state_dir,
-                Path("/etc/ztlab"),
-                Path("/sys/fs/cgroup"),
-                config.environments.root,  # only the granted builds are bound over it
-            ],
+            hidden=hidden_from_users(config),
         )
         log = config.state_dir / "logs" / "servers" / f"{self.account}.log"
         return _Launch(
@@ -475,6 +463,16 @@ def _spawn(launch: _Launch) -> subprocess.Popen[bytes]:
         log=launch.log,
         tools=launch.tools,
     )
+
+
+def lease_environment(inventory: Any, lease: Any) -> dict[str, str]:
+    """What a process holding ``lease`` is told of its GPUs: CUDA's ids, the lease, the pool."""
+    assert inventory is not None  # leases are granted from the inventory
+    return {
+        "CUDA_VISIBLE_DEVICES": ",".join(map(inventory.cuda_id, lease.gpus)),
+        "ZTLAB_GPU_LEASE": lease.id,
+        "ZTLAB_GPU_POOL": lease.pool,
+    }
 
 
 def package_environment(service_ip: str, port: int) -> dict[str, str]:
