@@ -36,7 +36,7 @@ from tornado import web
 
 from ztlab.common.attest import public_key_pem
 from ztlab.common.errors import UsageError, ZtlabError
-from ztlab.common.schedule import ScheduleError, ScheduleSpec
+from ztlab.common.schedule import ScheduleSpec
 from ztlab.hub.api.base import ZtlabAPIHandler
 
 __all__ = ["run_handlers"]
@@ -192,10 +192,7 @@ class SchedulesHandler(_RunsHandler):
             spec = ScheduleSpec.parse(
                 {k: v for k, v in body.items() if k != "notebook"}, where="schedule"
             )
-        except ScheduleError as error:
-            await self.fail(error)
-            return
-        except ZtlabError as error:
+        except ZtlabError as error:  # a bad schedule (ScheduleError) among them
             await self.fail(error)
             return
         await self.call(

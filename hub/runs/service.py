@@ -440,7 +440,8 @@ class RunService:
         ended = []
         for run in self.store.left_active():
             reason = f"its scheduler stopped while it was {run.status} (hub restarted)"
-            withdrawn = self._clean_up(run, failed=True)
+            self._clean_up(run)
+            withdrawn = self._withdraw(run, reason=f"run {run.id} was interrupted")
             done = self.store.update(run.id, expect=ACTIVE, status="interrupted", message=reason)
             if done is None:
                 continue
@@ -531,7 +532,7 @@ class RunService:
             principal = self._principal(run.owner)
             self._decide(principal, run.resource)
         except RunRefused as exc:
-            self._clean_up(run, failed=False)
+            self._clean_up(run)
             done = self.store.update(run.id, expect=ACTIVE, status="refused", message=exc.message)
             if done is not None:
                 self._audit_run("run.refused", done, reason=exc.message)
@@ -545,7 +546,7 @@ class RunService:
                 run, principal, lease, self.notebook(run.notebook_sha256), seconds=seconds
             )
         except ZtlabError as exc:
-            self._clean_up(run, failed=True)
+            self._clean_up(run)  # _fail withdraws what it registered
             self._fail(run, exc.message)
             return
         with self._lock:
@@ -608,18 +609,17 @@ class RunService:
             folder = private_directory(self.outputs / run.id, what="run output folder")
             write_private_file(folder / "executed.ipynb", executed)
             executed_sha = hashlib.sha256(executed).hexdigest()
-        self._clean_up(run, failed=False)  # sandbox ended, token revoked, lease released
+        self._clean_up(run)  # sandbox ended, token revoked, lease released
         with self._lock:
             cancelled = self._cancelled.get(run.id)
         if cancelled is not None:
-            withdrawn = self._withdraw(run, reason=f"run {run.id} was cancelled")
+            self._withdraw(run, reason=f"run {run.id} was cancelled")
             done = self.store.update(
                 run.id, expect=("finishing",), status="cancelled", message=cancelled[1],
                 executed_sha256=executed_sha,
             )  # fmt: skip
             if done is not None:
                 self._audit_run("run.cancelled", done, actor=cancelled[0], reason=cancelled[1])
-            del withdrawn
             return
         if status == 0 and not timed_out:
             try:
@@ -743,9 +743,8 @@ class RunService:
         self._notify(done)
         self._maybe_retry(done)
 
-    def _clean_up(self, run: RunRecord, *, failed: bool) -> list[str]:
-        """End the sandbox, revoke the token, release the lease; with ``failed``, withdraw
-        the models the run registered too (returned)."""
+    def _clean_up(self, run: RunRecord) -> None:
+        """End the sandbox, revoke the token, release the lease."""
         if self.launcher is not None:
             try:
                 self.launcher.end(run)
@@ -754,7 +753,6 @@ class RunService:
         if self.leases is not None:
             with contextlib.suppress(ZtlabError):
                 self.leases.release_server(user=run.owner, server=run.server, reason="run ended")
-        return self._withdraw(run, reason=f"run {run.id} was interrupted") if failed else []
 
     def _withdraw(self, run: RunRecord, *, reason: str) -> list[str]:
         """Delete the model versions a run that did not succeed registered."""
