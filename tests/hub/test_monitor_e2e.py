@@ -64,6 +64,32 @@ def _device(index: int, uuid: str) -> dict[str, Any]:
     }
 
 
+def write_trace(trace: Path, processes: dict[str, list[dict[str, Any]]], util: int = 97) -> None:
+    """Write a one-snapshot trace of GPUs 0 and 1 with ``processes`` on them (atomically):
+    a replaying monitor reads it from now on."""
+    document = {
+        "format": "ztlab-nvml-trace/1",
+        "devices": [_device(0, GPU0), _device(1, GPU1)],
+        "snapshots": [
+            {
+                "t": 0,
+                "processes": processes,
+                "utilization": {
+                    uuid: {"gpu": util if processes.get(uuid) else 0, "memory": 30}
+                    for uuid in (GPU0, GPU1)
+                },
+                "devices": {
+                    GPU0: {"power_w": 450.0, "energy_mj": 1000, "ecc_mode": True},
+                    GPU1: {"power_w": 70.0, "energy_mj": 500, "ecc_mode": True},
+                },
+            }
+        ],
+    }
+    temporary = trace.with_suffix(".tmp")
+    temporary.write_text(json.dumps(document), encoding="utf-8")
+    temporary.replace(trace)
+
+
 @dataclass
 class MonitorStack:
     stack: LoginStack
@@ -80,28 +106,8 @@ class MonitorStack:
         )
 
     def replay(self, processes: dict[str, list[dict[str, Any]]], util: int = 97) -> None:
-        """Write a one-snapshot trace (atomically): the monitor replays it from now on."""
-        trace = {
-            "format": "ztlab-nvml-trace/1",
-            "devices": [_device(0, GPU0), _device(1, GPU1)],
-            "snapshots": [
-                {
-                    "t": 0,
-                    "processes": processes,
-                    "utilization": {
-                        uuid: {"gpu": util if processes.get(uuid) else 0, "memory": 30}
-                        for uuid in (GPU0, GPU1)
-                    },
-                    "devices": {
-                        GPU0: {"power_w": 450.0, "energy_mj": 1000, "ecc_mode": True},
-                        GPU1: {"power_w": 70.0, "energy_mj": 500, "ecc_mode": True},
-                    },
-                }
-            ],
-        }
-        temporary = self.trace.with_suffix(".tmp")
-        temporary.write_text(json.dumps(trace), encoding="utf-8")
-        temporary.replace(self.trace)
+        """The monitor replays ``processes`` from now on (:func:`write_trace`)."""
+        write_trace(self.trace, processes, util=util)
 
     def records(self, action: str, since: int = 0) -> list[dict[str, Any]]:
         return self.stack.details(action, since)

@@ -26,7 +26,7 @@ import requests
 
 from tests.dataset_fixtures import add_tables
 from tests.hub.test_datasets_e2e import DataStack, _user
-from tests.hub.test_monitor_e2e import GPU0, GPU1, _device
+from tests.hub.test_monitor_e2e import GPU0, write_trace
 from tests.hubstack import nvidia_nodes, remove_accounts, running_stack
 from ztlab.common.attest.dsse import Envelope, SignatureError
 from ztlab.common.attest.provenance import verify_run_provenance
@@ -144,27 +144,6 @@ class RunsStack(DataStack):
         return bool(model.get("servers"))
 
 
-def replay(trace: Path, processes: dict[str, list[dict[str, Any]]]) -> None:
-    """The GPU monitor's readings from now on: GPUs 0 and 1 with ``processes`` on them."""
-    document = {
-        "format": "ztlab-nvml-trace/1",
-        "devices": [_device(0, GPU0), _device(1, GPU1)],
-        "snapshots": [
-            {
-                "t": 0,
-                "processes": processes,
-                "utilization": {
-                    uuid: {"gpu": 95 if processes.get(uuid) else 0, "memory": 30}
-                    for uuid in (GPU0, GPU1)
-                },
-            }
-        ],
-    }
-    temporary = trace.with_suffix(".tmp")
-    temporary.write_text(json.dumps(document), encoding="utf-8")
-    temporary.replace(trace)
-
-
 def cgroup_procs(name: str) -> list[int]:
     cgroup = CgroupManager.detect(parent="ztlab").get(name)
     return sorted(cgroup.procs()) if cgroup is not None else []
@@ -174,7 +153,7 @@ def cgroup_procs(name: str) -> list[int]:
 def runs_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunsStack]:
     root = tmp_path_factory.mktemp("runs-stack")
     trace = root / "trace.json"
-    replay(trace, {})
+    write_trace(trace, {})
     # the dataset lives where rita's account reaches it through her sandbox's mount
     store = Path(tempfile.mkdtemp(prefix="ztlab-runs-data-"))
     (store / "iris" / "1").mkdir(parents=True)
@@ -522,11 +501,13 @@ def test_the_gpu_monitor_stops_a_run_on_a_gpu_it_holds_no_lease_for(
     while not cgroup_procs(cgroup) and time.monotonic() < deadline:
         time.sleep(0.2)
     since = stack.audit_size()
-    replay(data.trace, {GPU0: [{"pid": cgroup_procs(cgroup)[0], "used_memory": 1 << 30, "sm": 99}]})
+    write_trace(
+        data.trace, {GPU0: [{"pid": cgroup_procs(cgroup)[0], "used_memory": 1 << 30, "sm": 99}]}
+    )
     try:
         done = data.wait_run(run["id"], timeout=120)
     finally:
-        replay(data.trace, {})
+        write_trace(data.trace, {})
     assert done["status"] == "cancelled", done
     assert "GPU monitor" in done["message"]
     alert = next(a for a in stack.details("gpu.alert", since) if a["kind"] == "unleased_process")
